@@ -1,0 +1,319 @@
+#!/usr/bin/env python3
+"""The imagesmith benchmark: `make bench` (as root) or `bench/run.py --help`.
+
+Measures on the example config space, several runs each, and reports the
+median:
+
+- mmdebstrap alone, cold, with the image's package set (the yardstick);
+- a cold build (empty caches);
+- a warm build of every image (.debs cached, stage and initramfs caches empty);
+- a rebuild after changing one file in a class;
+- a rebuild after adding one package to a class;
+- `build --all` (.debs cached, stage and initramfs caches empty);
+- boot to the `login:` prompt on the serial console under QEMU.
+
+Every build runs the real CLI in a fresh process, with a cache directory of
+the benchmark's own (the machine's shared cache is never touched) and the
+tree in RAM as usual. It prints a markdown table and, with --write FILE,
+stores it with a description of the machine. Run it on a quiet machine: the
+load average before and after is in the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from imagesmith.config import load_config_space, resolve_image  # noqa: E402
+from imagesmith.mirrors import image_mirror  # noqa: E402
+from imagesmith.qemu import find_firmware, pick_accel, qemu_argv, vm_scratch  # noqa: E402
+
+MEASUREMENTS = ("cold", "warm", "one-file", "add-package", "all", "boot")
+Row = tuple[str, list[float], str, Callable[[float], bool] | None]
+
+
+def sh(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=True, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+
+def timed(action: Callable[[], object]) -> float:
+    started = time.monotonic()
+    action()
+    return round(time.monotonic() - started, 2)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, scratch: Path) -> None:
+        self.args = args
+        self.runs = args.runs
+        self.scratch = scratch
+        self.space = scratch / "space"
+        shutil.copytree(args.config_space, self.space, symlinks=True)
+        self.cache = scratch / "cache"
+        self.out = scratch / "out"
+        loaded = load_config_space(self.space)
+        self.images = list(loaded.images)
+        self.image = args.image or loaded.default_image
+        self.resolved = resolve_image(loaded, self.image)
+        self.log = scratch / "bench.log"
+
+    def build(self, *names: str, cache: Path | None = None) -> dict[str, object]:
+        argv = [sys.executable, "-m", "imagesmith", "build", "-C", str(self.space), "-o", str(self.out),
+                "--cache-dir", str(cache or self.cache), *names]  # fmt: skip
+        result = subprocess.run(argv, text=True, capture_output=True, cwd=REPO)
+        with self.log.open("a") as log:
+            log.write(f"$ {' '.join(argv)}\n{result.stderr}\n")
+        if result.returncode != 0:
+            sys.exit(f"bench: build failed:\n{result.stderr[-3000:]}")
+        name = names[-1] if names and not names[-1].startswith("-") else self.image
+        manifest = json.loads((self.out / f"{name}.manifest.json").read_text())
+        return dict(manifest)
+
+    def empty_cache(self) -> None:
+        shutil.rmtree(self.cache, ignore_errors=True)
+
+    def drop_built(self, cache: Path) -> None:
+        """Keep the .debs, drop the stage and initramfs caches."""
+        for folder in ("stages", "initramfs"):
+            shutil.rmtree(cache / folder, ignore_errors=True)
+
+    def mmdebstrap_alone(self) -> float:
+        """Plain mmdebstrap with the image's packages, no cache, into RAM like imagesmith."""
+        image = self.resolved
+        mirror = image_mirror(image)
+        s = image.settings
+        mirror_line = f"deb {mirror} {s.suite} {' '.join(s.components)}"
+        target = Path(tempfile.mkdtemp(prefix="bench-mmdebstrap-", dir="/dev/shm"))
+        argv = ["mmdebstrap", "--mode=root", "--variant=apt", "--format=directory",
+                f"--architectures={image.settings.architecture}",
+                f"--include={','.join(image.packages)}", image.settings.suite,
+                str(target / "root"), mirror_line]  # fmt: skip
+        try:
+            return timed(lambda: sh(["unshare", "--mount", "--propagation", "private", *argv]))
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
+
+    def cold_pairs(self) -> tuple[list[float], list[float]]:
+        """Alternate mmdebstrap alone and a cold build, so both see the same conditions."""
+        alone, cold = [], []
+        for _ in range(self.runs):
+            alone.append(self.mmdebstrap_alone())
+            self.empty_cache()
+            cold.append(timed(lambda: self.build(self.image)))
+        return alone, cold
+
+    def warm(self, name: str) -> list[float]:
+        times = []
+        for _ in range(self.runs):
+            self.drop_built(self.cache)
+            times.append(timed(lambda: self.build(name)))
+        return times
+
+    def one_file_change(self) -> tuple[list[float], dict[str, object]]:
+        self.build(self.image)  # caches warm for this image
+        motd = self.space / "classes/example/files/etc/motd"
+        times, manifest = [], {}
+        for run in range(self.runs):
+            motd.write_text(motd.read_text() + f"bench run {run}\n")
+            started = time.monotonic()
+            manifest = self.build(self.image)
+            times.append(round(time.monotonic() - started, 2))
+            caches = manifest.get("caches", {})
+            assert isinstance(caches, dict) and caches["stage_cache"]["hit"], caches
+        return times, manifest
+
+    def add_package(self) -> list[float]:
+        """Add one package the image lacks; its stage entry is dropped after each run."""
+        class_file = self.space / "classes/example/class.toml"
+        original = class_file.read_text()
+        before = set((self.cache / "stages").iterdir())
+        times = []
+        try:
+            class_file.write_text(
+                original.replace("install = [", f'install = ["{self.args.add_package}", ', 1)
+            )
+            for _ in range(self.runs):
+                times.append(timed(lambda: self.build(self.image)))
+                for entry in set((self.cache / "stages").iterdir()) - before:
+                    if entry.is_dir():  # not the per-key lock files
+                        shutil.rmtree(entry)
+        finally:
+            class_file.write_text(original)
+        return times
+
+    def build_all(self) -> list[float]:
+        times = []
+        for _ in range(self.runs):
+            self.drop_built(self.cache)
+            times.append(timed(lambda: self.build("--all")))
+        return times
+
+    def boot_to_login(self) -> list[float]:
+        image = self.out / f"{self.image}.raw"
+        find_firmware()  # fail early without OVMF
+        times = []
+        for _ in range(self.runs):
+            with vm_scratch(image, in_place=False) as (scratch, disk, fmt, code):
+                console = scratch / "console.log"
+                argv = qemu_argv(disk=disk, disk_fmt=fmt, firmware_code=code,
+                                 firmware_vars=scratch / "vars.fd", accel=pick_accel(),
+                                 memory=1024, serial=[f"file:{console}"])  # fmt: skip
+                started = time.monotonic()
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)  # fmt: skip
+                try:
+                    while b"login:" not in (console.read_bytes() if console.exists() else b""):
+                        if proc.poll() is not None or time.monotonic() - started > 600:
+                            sys.exit(
+                                f"bench: no login prompt; console:\n{console.read_text()[-2000:]}"
+                            )
+                        time.sleep(0.1)
+                    times.append(round(time.monotonic() - started, 2))
+                finally:
+                    proc.kill()
+                    proc.wait()
+        return times
+
+
+class Rows(list[Row]):
+    """The table's rows; each is also shown as soon as it is measured."""
+
+    def append(self, row: Row) -> None:
+        print(f"bench: {row[0]}: {row[1]}", file=sys.stderr, flush=True)
+        super().append(row)
+
+    def __iadd__(self, rows: object) -> Rows:  # type: ignore[override]
+        assert isinstance(rows, list)
+        for row in rows:
+            self.append(row)
+        return self
+
+
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 1)
+
+
+def machine() -> str:
+    mem = next(
+        line
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal")
+    )
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())  # fmt: skip
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                            text=True, capture_output=True).stdout.strip()  # fmt: skip
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), {int(mem.split()[1]) // 1024**2} GiB RAM, "
+        f"kernel {platform.release()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"imagesmith {commit}"
+    )
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| measurement | runs (s) | median (s) | target | met |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, values, target, check in rows:
+        met = "" if check is None else ("yes" if check(median(values)) else "**no**")
+        lines.append(
+            f"| {name} | {' '.join(f'{v:.1f}' for v in values)} | {median(values)} | {target} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description="Benchmark imagesmith on the example config space."
+    )
+    parser.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
+    parser.add_argument("-C", "--config-space", type=Path, default=REPO / "examples")
+    parser.add_argument("--image", help="image to measure (default: the config's default_image)")
+    parser.add_argument(
+        "--add-package", default="tree", help="package added in the add-one-package rebuild"
+    )
+    parser.add_argument("--no-boot", action="store_true", help="skip the boot-to-login measurement")
+    parser.add_argument(
+        "--only", metavar="LIST", help=f"comma-separated subset of: {','.join(MEASUREMENTS)}"
+    )
+    parser.add_argument("--write", type=Path, metavar="FILE", help="also write the report to FILE")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (builds need it)")
+    scratch = Path(tempfile.mkdtemp(prefix="imagesmith-bench-", dir="/var/tmp"))
+    try:
+        bench = Bench(args, scratch)
+        load_before = load()
+        print(f"bench: {args.runs} runs each, scratch {scratch}, log {bench.log}", file=sys.stderr)
+        want = set(args.only.split(",")) if args.only else set(MEASUREMENTS)
+        rows = Rows()
+        if "cold" in want:
+            alone, cold = bench.cold_pairs()
+            rows += [
+                ("mmdebstrap alone, same packages, cold", alone, "yardstick", None),
+                ("cold build (empty caches)", cold, f"≤ 1.15 × mmdebstrap = {1.15 * median(alone):.1f}",
+                 lambda m: m <= 1.15 * median(alone)),
+            ]  # fmt: skip
+        if "warm" in want or "all" in want:
+            warm = {name: bench.warm(name) for name in bench.images}
+            rows += [(f"warm build `{n}` (.debs cached)", t, "", None) for n, t in warm.items()]
+        manifest: dict[str, object] = {}
+        if "one-file" in want:
+            one_file, manifest = bench.one_file_change()
+            rows.append(("rebuild after changing one file", one_file, "≤ 5", lambda m: m <= 5))
+        if "add-package" in want:
+            added = bench.add_package()
+            rows.append((f"rebuild after adding one package ({args.add_package})", added, "", None))
+        if "all" in want:
+            build_all = bench.build_all()
+            limit_all = 1.5 * max(median(t) for t in warm.values())
+            rows.append((f"`build --all` ({len(bench.images)} images, .debs cached)", build_all,
+                         f"≤ 1.5 × slowest single = {limit_all:.1f}", lambda m: m <= limit_all))  # fmt: skip
+        if "boot" in want and not args.no_boot:
+            boot = bench.boot_to_login()
+            rows.append((f"boot to `login:` ({pick_accel()})", boot, "as short as possible", None))
+        timings = manifest.get("timings", {})
+        assert isinstance(timings, dict)
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
+        report = f"Machine: {machine()}. Load average before {load_before}, after {load()}.\n\n"
+        report += f"{table(rows)}\n"
+        if stages:
+            report += (
+                f"\nStages of the last one-file rebuild of `{bench.image}` (the manifest cannot "
+                f"time its own outputs stage): {stages}.\n"
+            )
+        print(report)
+        if args.write:
+            write_report(args.write, report)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+def write_report(path: Path, report: str) -> None:
+    marker = "<!-- bench:table -->"
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{marker}\n"
+    head = text.split(marker, 1)[0]
+    path.write_text(f"{head}{marker}\n\n{report}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""The whole build, top to bottom.
+
+`build_image()` resolves nothing itself: it takes a validated
+`ResolvedImage`, makes a scratch directory (in RAM when there is room), and
+runs the stages in order. Each stage is a plain function of the
+`BuildContext` in its own module, and returns at once when it does not apply
+(a container image has no boot setup and no disk). The scratch directory is
+removed whatever happens; outputs appear only when complete (see outputs.py).
+
+`build_images()` builds several images in one run: images with the same
+package installation share it through the stage cache (its per-key lock
+makes them wait for one mmdebstrap run), `jobs` images build at once, and
+one image failing never stops the others. Each image gets an `ImageResult`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imagesmith import log
+from imagesmith.assemble import assemble_disk
+from imagesmith.bootloader import configure_boot
+from imagesmith.bootstrap import install_packages
+from imagesmith.config import ResolvedImage
+from imagesmith.container import assemble_container
+from imagesmith.context import BuildContext
+from imagesmith.customize import customize_tree
+from imagesmith.errors import ImagesmithError
+from imagesmith.finalize import finalize_tree
+from imagesmith.firstboot import configure_first_boot
+from imagesmith.layout import DiskLayout, UuidSource, plan_disk_layout
+from imagesmith.manifest import write_manifest
+from imagesmith.outputs import output_path, staged_outputs, temp_path, write_outputs
+from imagesmith.run import require_tools, stop_all_processes
+
+Stage = Callable[[BuildContext], None]
+
+STAGES: tuple[tuple[str, Stage], ...] = (
+    ("bootstrap and packages", install_packages),
+    ("customise", customize_tree),
+    ("first boot", configure_first_boot),
+    ("boot setup", configure_boot),
+    ("finalise", finalize_tree),
+    ("assemble disk", assemble_disk),
+    ("assemble container", assemble_container),
+)
+
+HOST_TOOLS = ("mmdebstrap", "unshare", "dpkg-query")
+DISK_TOOLS = ("sfdisk", "mkfs.ext4", "mkfs.vfat", "mcopy")
+OUTPUT_TOOLS = {"qcow2": "qemu-img", "raw.zst": "zstd", "oci": "tar", "tar": "tar"}
+# Build in RAM (tmpfs) when it has this much room: dpkg's fsyncs cost nothing there.
+RAM_WORKDIR = Path("/dev/shm")
+RAM_NEEDED = 6 * 1024**3
+
+
+def default_cache_dir() -> Path:
+    if env := os.environ.get("IMAGESMITH_CACHE_DIR"):
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/cache/imagesmith")
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imagesmith"
+
+
+def pick_workdir_parent(output_dir: Path) -> Path:
+    if env := os.environ.get("IMAGESMITH_WORKDIR"):
+        return Path(env)
+    try:
+        st = os.statvfs(RAM_WORKDIR)
+        if st.f_bavail * st.f_frsize >= RAM_NEEDED:
+            return RAM_WORKDIR
+    except OSError:
+        pass
+    return output_dir
+
+
+def check_host(image: ResolvedImage) -> None:
+    if os.geteuid() != 0:
+        from imagesmith.errors import ConfigError
+
+        raise ConfigError("imagesmith build must run as root", hint="use sudo")
+    tools = [*HOST_TOOLS]
+    if image.target == "disk":
+        tools += DISK_TOOLS
+        if image.settings.filesystem == "btrfs":
+            tools.append("mkfs.btrfs")
+    tools += [OUTPUT_TOOLS[o] for o in image.settings.outputs if o in OUTPUT_TOOLS]
+    require_tools(*dict.fromkeys(tools))
+
+
+def plan_image_layout(image: ResolvedImage, *, uuid_seed: str = "") -> DiskLayout:
+    """The image's partitions. UUIDs are random for every build unless a seed
+    is given: `uuid_seed` (the command line's) wins over the uuid_seed setting."""
+    s = image.settings
+    return plan_disk_layout(
+        size=s.size,
+        esp_size=s.esp_size,
+        filesystem=s.filesystem,
+        architecture=s.architecture,
+        firmware=s.boot_firmware,
+        uuids=UuidSource(uuid_seed or s.uuid_seed),
+    )
+
+
+def build_image(
+    image: ResolvedImage,
+    *,
+    output_dir: Path,
+    cache_dir: Path | None = None,
+    uuid_seed: str = "",
+    after_stage: Callable[[str, BuildContext], None] | None = None,
+) -> BuildContext:
+    """Build one image; returns the context (timings, outputs, packages)."""
+    check_host(image)
+    output_dir = output_dir.resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    s = image.settings
+    layout = plan_image_layout(image, uuid_seed=uuid_seed)
+    parent = pick_workdir_parent(output_dir)
+    with contextlib.ExitStack() as cleanup:
+        workdir = Path(tempfile.mkdtemp(prefix=f"imagesmith-{image.name}-", dir=parent))
+        cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+        ctx = BuildContext(
+            image=image,
+            workdir=workdir,
+            output_dir=output_dir,
+            cache_dir=cache_dir or default_cache_dir(),
+            layout=layout,
+        )
+        skipped = ""
+        if image.skipped_classes:
+            names = " ".join(c.name for c in image.skipped_classes)
+            skipped = f" (not for a {image.target} image: {names})"
+        log.info(
+            f"building {image.name} ({image.target}): classes "
+            f"{' '.join(image.class_names)}{skipped}; work in {workdir}"
+        )
+        for name, stage in STAGES:
+            with log.stage(name, ctx.timings):
+                stage(ctx)
+            if after_stage:
+                after_stage(name, ctx)
+        with log.stage("outputs", ctx.timings), staged_outputs(ctx) as staged:
+            write_outputs(ctx, staged)
+            manifest = temp_path(output_path(output_dir, image.name, "manifest"))
+            staged["manifest"] = manifest
+            write_manifest(ctx, manifest, dict(ctx.outputs))
+        # The manifest's own timings cannot include the outputs stage it is
+        # written in; the log line above has it.
+        log.info(f"built {image.name} in {sum(ctx.timings.values()):.1f}s")
+        for fmt in [*s.outputs, "manifest"]:
+            log.info(f"    {output_path(output_dir, image.name, fmt)}")
+        return ctx
+
+
+@dataclass
+class ImageResult:
+    name: str
+    ok: bool
+    duration: float
+    outputs: dict[str, Path] = field(default_factory=dict)  # format -> final file
+    error: str = ""
+    exit_code: int = 0
+
+
+def build_one(
+    image: ResolvedImage,
+    *,
+    output_dir: Path,
+    cache_dir: Path | None,
+    uuid_seed: str,
+) -> ImageResult:
+    """Build one image and say how it went; only an interrupt escapes."""
+    started = time.monotonic()
+    with log.prefix(image.name):
+        try:
+            ctx = build_image(
+                image, output_dir=output_dir, cache_dir=cache_dir, uuid_seed=uuid_seed,
+            )  # fmt: skip
+        except ImagesmithError as e:
+            log.info(f"imagesmith: error: {e}")
+            return ImageResult(
+                image.name, False, time.monotonic() - started, error=e.message.splitlines()[0],
+                exit_code=e.exit_code,
+            )  # fmt: skip
+        except Exception as e:  # a bug: the other images still build
+            log.info(f"imagesmith: internal error building {image.name}:")
+            log.info(traceback.format_exc().rstrip())
+            return ImageResult(
+                image.name, False, time.monotonic() - started, error=f"internal error: {e!r}",
+                exit_code=1,
+            )  # fmt: skip
+    outputs = {
+        fmt: output_path(ctx.output_dir, image.name, fmt)
+        for fmt in [*image.settings.outputs, "manifest"]
+    }
+    return ImageResult(image.name, True, time.monotonic() - started, outputs)
+
+
+def build_images(
+    images: list[ResolvedImage],
+    *,
+    output_dir: Path,
+    cache_dir: Path | None = None,
+    uuid_seed: str = "",
+    jobs: int = 1,
+) -> list[ImageResult]:
+    """Build every image, `jobs` at a time; results in the order given."""
+    build = functools.partial(
+        build_one, output_dir=output_dir, cache_dir=cache_dir, uuid_seed=uuid_seed
+    )
+    if jobs <= 1 or len(images) <= 1:
+        return [build(image) for image in images]
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
+    futures = [pool.submit(build, image) for image in images]
+    try:
+        return [f.result() for f in futures]
+    except BaseException:
+        # Ctrl-C reaches only this thread: stop the queue and the running
+        # commands, so every build cleans up and ends.
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop_all_processes()
+        concurrent.futures.wait(futures)
+        raise
+    finally:
+        pool.shutdown(wait=True)

@@ -1,0 +1,123 @@
+"""Logging and stage timing.
+
+On a terminal, a long stage shows a spinner line with elapsed time; elsewhere
+(CI, pipes) every message is a plain timestamped line. When several images
+build at once, each line names its image (`prefix()`) and there is no
+spinner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+_verbose = False
+
+
+def set_verbose(verbose: bool) -> None:
+    global _verbose
+    _verbose = verbose
+
+
+def is_verbose() -> bool:
+    return _verbose
+
+
+_thread = threading.local()
+
+
+def _stamp() -> str:
+    return time.strftime("%H:%M:%S")
+
+
+@contextlib.contextmanager
+def prefix(name: str) -> Iterator[None]:
+    """Lines logged by this thread in the block start with [name]."""
+    previous = getattr(_thread, "prefix", "")
+    _thread.prefix = f"[{name}] "
+    try:
+        yield
+    finally:
+        _thread.prefix = previous
+
+
+def _in_worker() -> bool:
+    return threading.current_thread() is not threading.main_thread()
+
+
+_write_lock = threading.Lock()
+
+
+def info(message: str) -> None:
+    _clear_spinner()
+    line = f"{_stamp()} {getattr(_thread, 'prefix', '')}{message}\n"
+    # One write per line, under a lock: builds in other threads log too.
+    with _write_lock:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
+def debug(message: str) -> None:
+    if _verbose:
+        info(message)
+
+
+def warn(message: str) -> None:
+    info(f"warning: {message}")
+
+
+_spinner_lock = threading.Lock()
+_spinner_active: list[str] = []
+
+
+def _clear_spinner() -> None:
+    if _spinner_active and sys.stderr.isatty():
+        with _spinner_lock:
+            sys.stderr.write("\r\033[K")
+
+
+class _Spinner(threading.Thread):
+    def __init__(self, label: str) -> None:
+        super().__init__(daemon=True)
+        self.label = label
+        self.stop = threading.Event()
+        self.started = time.monotonic()
+
+    def run(self) -> None:
+        frames = "|/-\\"
+        n = 0
+        while not self.stop.wait(0.25):
+            elapsed = time.monotonic() - self.started
+            with _spinner_lock:
+                sys.stderr.write(f"\r\033[K{frames[n % 4]} {self.label} {elapsed:5.1f}s")
+                sys.stderr.flush()
+            n += 1
+
+
+@contextlib.contextmanager
+def stage(name: str, timings: dict[str, float] | None = None) -> Iterator[None]:
+    """Log the start and duration of a stage; record it into `timings`."""
+    info(f"==> {name}")
+    started = time.monotonic()
+    spinner = None
+    if sys.stderr.isatty() and not _verbose and not _in_worker():
+        spinner = _Spinner(name)
+        _spinner_active.append(name)
+        spinner.start()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        if spinner is not None:
+            spinner.stop.set()
+            spinner.join()
+            _spinner_active.remove(name)
+            _clear_spinner()
+        elapsed = time.monotonic() - started
+        if timings is not None:
+            timings[name] = round(elapsed, 2)
+        info(f"    {name}: {'done' if ok else 'FAILED'} in {elapsed:.1f}s")

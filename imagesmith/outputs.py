@@ -1,0 +1,120 @@
+"""Stage: outputs. Write each requested format, then the manifest.
+
+Needs: `ctx.disk` (disk images) or `ctx.rootfs_tar` (container images).
+Produces, in the output directory, as the image's `outputs` ask:
+
+| format    | file                | what                                          |
+| --------- | ------------------- | --------------------------------------------- |
+| `raw`     | IMAGE.raw           | the disk, sparse                              |
+| `raw.zst` | IMAGE.raw.zst       | the disk, zstd-compressed (`zstd -d` it)      |
+| `qcow2`   | IMAGE.qcow2         | the disk for QEMU and libvirt                 |
+| `oci`     | IMAGE.oci.tar       | an OCI image archive (`oci-archive:`)         |
+| `tar`     | IMAGE.rootfs.tar    | the container root filesystem                 |
+
+and always `IMAGE.manifest.json`.
+
+Every file is written under a temporary name in the output directory and
+renamed into place only when all of them are complete, so a failed or
+interrupted build never leaves a half-written output and never destroys an
+earlier good image.
+
+The SHA-256 of each output (for the manifest) is computed in a second
+thread while the next output is written: on a 2-core machine hashing a
+2 GiB raw image otherwise costs as much as writing all outputs. The raw
+output's hash is taken from the assembled disk it is a hole-preserving copy
+of, so it can start before the copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from imagesmith.assemble import copy_sparse
+from imagesmith.container import write_oci_archive, write_rootfs_tar
+from imagesmith.context import BuildContext
+from imagesmith.run import run
+
+TEMP_PREFIX = ".imagesmith-tmp-"
+SUFFIXES = {"manifest": "manifest.json", "oci": "oci.tar", "tar": "rootfs.tar"}
+ZSTD_LEVEL = 3
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(4 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def output_path(output_dir: Path, image: str, fmt: str) -> Path:
+    return output_dir / f"{image}.{SUFFIXES.get(fmt, fmt)}"
+
+
+def temp_path(final: Path) -> Path:
+    return final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{final.name}")
+
+
+@contextlib.contextmanager
+def staged_outputs(ctx: BuildContext) -> Iterator[dict[str, Path]]:
+    """Yield {format: temp path}; rename all into place on success, else delete."""
+    staged: dict[str, Path] = {}
+    try:
+        yield staged
+    except BaseException:
+        for temp in staged.values():
+            temp.unlink(missing_ok=True)
+        raise
+    for fmt, temp in staged.items():
+        os.replace(temp, output_path(ctx.output_dir, ctx.image.name, fmt))
+
+
+def write_raw(ctx: BuildContext, target: Path) -> None:
+    with target.open("wb") as f:
+        f.truncate(ctx.layout.size)
+    copy_sparse(ctx.disk, target, offset=0)
+
+
+def write_qcow2(ctx: BuildContext, target: Path) -> None:
+    run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", os.fspath(ctx.disk), os.fspath(target)],
+        what="qemu-img convert",
+    )
+
+
+def write_raw_zst(ctx: BuildContext, target: Path) -> None:
+    run(
+        ["zstd", "-q", f"-{ZSTD_LEVEL}", "-T0", "-o", os.fspath(target), os.fspath(ctx.disk)],
+        what="zstd (raw.zst)",
+    )
+
+
+WRITERS: dict[str, Callable[[BuildContext, Path], None]] = {
+    "raw": write_raw,
+    "raw.zst": write_raw_zst,
+    "qcow2": write_qcow2,
+    "oci": write_oci_archive,
+    "tar": write_rootfs_tar,
+}
+
+
+def write_outputs(ctx: BuildContext, staged: dict[str, Path]) -> None:
+    """Write every requested format; their hashes land in ctx.extra["sha256"]."""
+    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    hashes: dict[str, Future[str]] = {}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
+        for fmt in ctx.image.settings.outputs:
+            temp = temp_path(output_path(ctx.output_dir, ctx.image.name, fmt))
+            staged[fmt] = temp
+            if fmt == "raw":
+                hashes[fmt] = hasher.submit(sha256_file, ctx.disk)
+            WRITERS[fmt](ctx, temp)
+            if fmt != "raw":
+                hashes[fmt] = hasher.submit(sha256_file, temp)
+            ctx.outputs[fmt] = temp
+        ctx.extra["sha256"] = {fmt: future.result() for fmt, future in hashes.items()}

@@ -1,0 +1,188 @@
+"""Bad input fails clearly and leaves nothing behind.
+
+Config errors fail before any slow work with exit code 2, naming the file and
+key. A failing class script fails the build naming the class, the script and
+its output; Ctrl-C in the middle of the package stage exits 130. Neither leaves
+mounts, processes, scratch directories or partial outputs, and an earlier
+good image at the output path survives.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, empty_stage_cache, imagesmith
+
+
+def leftovers(workdir: Path) -> list[str]:
+    """Scratch files, mounts and processes a build in `workdir` left behind."""
+    found = [str(p) for p in workdir.iterdir()] if workdir.exists() else []
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    found += [line for line in mounts if str(workdir) in line]
+    return found + processes_using(workdir)
+
+
+def processes_using(workdir: Path) -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "args", "-ww"], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if str(workdir) in line]
+
+
+def isolated_env(workdir: Path) -> dict[str, str]:
+    """Build scratch in a directory of this test's own, so checks are exact."""
+    workdir.mkdir(exist_ok=True)
+    return {**os.environ, "IMAGESMITH_WORKDIR": str(workdir)}
+
+
+def write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            ("imagesmith.toml", "[images.server]\n", '[images.server]\nsizee = "3GiB"\n'),
+            r"imagesmith\.toml:\d+: \[images\.server\] sizee: unknown setting 'sizee'",
+        ),
+        (
+            ("imagesmith.toml", '"example"]', '"example", "no-such-class"]'),
+            r"imagesmith\.toml:\d+: unknown class 'no-such-class'",
+        ),
+        (
+            ("imagesmith.toml", 'size = "2GiB"\noutputs', "size = 2.5\noutputs"),
+            r"imagesmith\.toml:\d+: \[images\.server\] size: expected a size",
+        ),
+        (
+            ("imagesmith.toml", 'size = "2GiB"\noutputs', 'size = "300MiB"\noutputs'),
+            r"\[images\.server\] size: a 300MiB disk leaves .* hint: set size to at least",
+        ),
+        (
+            ("classes/example/class.toml", "[packages]", "[packages]\ninstal = []"),
+            r"class\.toml:\d+: unknown key 'instal' in \[packages\]",
+        ),
+        (
+            ("imagesmith.toml", "[defaults]", '[defaults]\nfilesystem = "zfs"'),
+            r"imagesmith\.toml:\d+: \[defaults\] filesystem: 'zfs' is not one of ext4, btrfs",
+        ),
+    ],
+    ids=[
+        "unknown-key",
+        "unknown-class",
+        "wrong-type",
+        "size-too-small",
+        "class-key-typo",
+        "bad-choice",
+    ],
+)
+def test_config_errors_exit_2_before_any_work(
+    config_copy: Path, tmp_path: Path, edit: tuple[str, str, str], expected: str
+) -> None:
+    name, old, new = edit
+    path = config_copy / name
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    work = tmp_path / "work"
+    result = imagesmith(
+        "build",
+        "-C",
+        config_copy,
+        "-o",
+        tmp_path / "out",
+        "server",
+        timeout=60,
+        env=isolated_env(work),
+    )
+    assert result.returncode == 2, result.stderr
+    assert re.search(expected, result.stderr, re.DOTALL), result.stderr
+    assert str(config_copy) in result.stderr
+    assert "==> bootstrap" not in result.stderr
+    assert leftovers(work) == []
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_unknown_image_and_summary_errors(config_copy: Path) -> None:
+    result = imagesmith("summary", "-C", config_copy, "nope", timeout=60)
+    assert result.returncode == 2
+    assert "no image named 'nope'" in result.stderr and "server" in result.stderr
+    result = imagesmith("summary", "-C", config_copy / "missing", timeout=60)
+    assert result.returncode == 2 and "not found" in result.stderr
+
+
+def add_class(space: Path, name: str, script: str) -> None:
+    write(space / "classes" / name / "scripts" / "10-fail", script, 0o755)
+    config = space / "imagesmith.toml"
+    config.write_text(config.read_text().replace('"example"]', f'"example", "{name}"]', 1))
+
+
+@pytest.mark.build
+def test_failing_script_fails_the_build_and_keeps_the_old_image(
+    built_examples: Path, config_copy: Path, tmp_path: Path
+) -> None:
+    add_class(
+        config_copy,
+        "broken",
+        "#!/bin/sh\necho 'preparing things'\necho 'something went wrong' >&2\nexit 4\n",
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "server.raw").write_bytes(b"an earlier good image")
+    work = tmp_path / "work"
+    result = imagesmith(
+        "-v", "build", "-C", config_copy, "-o", out, "server", env=isolated_env(work)
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "class 'broken' script scripts/10-fail failed with exit code 4" in result.stderr
+    assert "| something went wrong" in result.stderr
+    assert (out / "server.raw").read_bytes() == b"an earlier good image"
+    assert sorted(p.name for p in out.iterdir()) == ["server.raw"]
+    assert leftovers(work) == []
+    # The same package set was built by the session fixture: with the .deb
+    # cache warm, apt downloads no package at all.
+    downloads = re.findall(r"Get:\d+ \S+ \S+/\S+ \S+ (\S+) \S+ \S+ \[", result.stderr)
+    assert downloads == [], downloads[:10]
+
+
+@pytest.mark.build
+def test_ctrl_c_during_packages_leaves_nothing(
+    built_examples: Path, config_copy: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "server.raw").write_bytes(b"an earlier good image")
+    work = tmp_path / "work"
+    env = isolated_env(work)
+    # No stage entry to reuse, so mmdebstrap runs and is interrupted.
+    cache = empty_stage_cache(tmp_path)
+    log = tmp_path / "build.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "imagesmith", "build", "-C", str(config_copy), "-o", str(out),
+             "--cache-dir", str(cache), "server"],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while "==> bootstrap and packages" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        time.sleep(6)  # well inside mmdebstrap: packages are being installed
+        assert any("mmdebstrap" in p for p in processes_using(work)), "mmdebstrap should be running"
+        # What a terminal's Ctrl-C does: SIGINT to the whole foreground group.
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()[-2000:]
+    assert "interrupted" in log.read_text()
+    assert leftovers(work) == []
+    assert sorted(p.name for p in out.iterdir()) == ["server.raw"]
+    assert (out / "server.raw").read_bytes() == b"an earlier good image"
+    # Nor a stage entry a later build could take for complete.
+    assert not [p for p in (cache / "stages").glob("*") if not p.name.startswith(".")]
