@@ -6,8 +6,8 @@ Produces:
 
 - /etc/fstab naming every partition by PARTUUID;
 - /boot/grub/grub.cfg with the kernel command line (root=PARTUUID=...,
-  `console=` for the serial console) and GRUB on serial and screen, one file
-  for both firmwares;
+  the first-boot words of firstboot.py, `console=` for the serial console)
+  and GRUB on serial and screen, one file for both firmwares;
 - for UEFI: GRUB's modules in /boot/grub/x86_64-efi and
   `ctx.esp_tree`/EFI/BOOT/BOOTX64.EFI, made by grub-mkimage from the image's
   own GRUB, at the removable-media path so no NVRAM entry is needed;
@@ -32,6 +32,7 @@ import shutil
 from imagesmith import initramfs, log
 from imagesmith.context import BuildContext
 from imagesmith.errors import BuildError
+from imagesmith.firstboot import first_boot_cmdline
 from imagesmith.layout import DiskLayout
 from imagesmith.sandbox import run_in_root
 
@@ -94,7 +95,7 @@ def serial_port(serial_console: str) -> tuple[int, int]:
 
 def kernel_cmdline(ctx: BuildContext) -> str:
     s = ctx.image.settings
-    words = [f"root=PARTUUID={ctx.layout.root.uuid}", "ro"]
+    words = [f"root=PARTUUID={ctx.layout.root.uuid}", "ro", *first_boot_cmdline(ctx)]
     if s.serial_console:
         unit, speed = serial_port(s.serial_console)
         # The last console= is /dev/console: systemd's status goes to serial.

@@ -37,7 +37,6 @@ from imagesmith.context import BuildContext
 from imagesmith.customize import customize_tree
 from imagesmith.errors import ImagesmithError
 from imagesmith.finalize import finalize_tree
-from imagesmith.firstboot import configure_first_boot
 from imagesmith.layout import DiskLayout, UuidSource, plan_disk_layout
 from imagesmith.manifest import write_manifest
 from imagesmith.outputs import output_path, staged_outputs, temp_path, write_outputs
@@ -48,7 +47,6 @@ Stage = Callable[[BuildContext], None]
 STAGES: tuple[tuple[str, Stage], ...] = (
     ("bootstrap and packages", install_packages),
     ("customise", customize_tree),
-    ("first boot", configure_first_boot),
     ("boot setup", configure_boot),
     ("finalise", finalize_tree),
     ("assemble disk", assemble_disk),
@@ -144,16 +142,23 @@ def build_image(
             f"building {image.name} ({image.target}): classes "
             f"{' '.join(image.class_names)}{skipped}; work in {workdir}"
         )
-        for name, stage in STAGES:
-            with log.stage(name, ctx.timings):
-                stage(ctx)
-            if after_stage:
-                after_stage(name, ctx)
-        with log.stage("outputs", ctx.timings), staged_outputs(ctx) as staged:
-            write_outputs(ctx, staged)
-            manifest = temp_path(output_path(output_dir, image.name, "manifest"))
-            staged["manifest"] = manifest
-            write_manifest(ctx, manifest, dict(ctx.outputs))
+        with staged_outputs(ctx) as staged:
+            if image.target == "disk" and "raw" in s.outputs:
+                # The disk is assembled straight into the raw output's temp
+                # file, which is renamed into place with the others: no copy.
+                ctx.disk_file = staged["raw"] = temp_path(
+                    output_path(output_dir, image.name, "raw")
+                )
+            for name, stage in STAGES:
+                with log.stage(name, ctx.timings):
+                    stage(ctx)
+                if after_stage:
+                    after_stage(name, ctx)
+            with log.stage("outputs", ctx.timings):
+                write_outputs(ctx, staged)
+                manifest = temp_path(output_path(output_dir, image.name, "manifest"))
+                staged["manifest"] = manifest
+                write_manifest(ctx, manifest, dict(ctx.outputs))
         # The manifest's own timings cannot include the outputs stage it is
         # written in; the log line above has it.
         log.info(f"built {image.name} in {sum(ctx.timings.values()):.1f}s")

@@ -23,6 +23,9 @@ class BuildContext:
     packages: list[dict[str, str]] = field(default_factory=list)
     outputs: dict[str, Path] = field(default_factory=dict)  # format -> temp file
     extra: dict[str, Any] = field(default_factory=dict)
+    # Where the disk is assembled: the raw output's temp file when the image
+    # has a raw output (no copy), else a file in the workdir.
+    disk_file: Path | None = None
 
     @property
     def tree(self) -> Path:
@@ -45,7 +48,7 @@ class BuildContext:
 
     @property
     def disk(self) -> Path:
-        return self.workdir / "disk.raw"
+        return self.disk_file or self.workdir / "disk.raw"
 
     @property
     def deb_cache(self) -> Path:

@@ -1,49 +1,33 @@
-"""Stage: first boot on any machine: the build's side of growth and identity.
+"""The build's side of first boot on any machine: growth and identity.
 
-Needs: `ctx.tree` customised (every class's files and scripts applied),
-`ctx.layout`. Runs before boot setup, which builds the initramfs.
-Produces, as the image's switches ask (see settings.py):
+The hooks and units are files of the built-in classes
+(`imagesmith/data/classes/`), which the switches add to the image (see
+settings.py). What depends on the build itself is small:
 
-- `new_fs_uuid`: /etc/initramfs-tools/conf.d/imagesmith-new-fs-uuid naming
-  the UUID the root filesystem is built with. The initramfs script of the
-  built-in class `new-fs-uuid` gives the root a new one on first boot, but
-  only while it still has this one;
+- `new_fs_uuid`: the kernel command line carries
+  `imagesmith.image_fs_uuid=UUID`, the UUID the root filesystem is built
+  with. The initramfs script of the built-in class `new-fs-uuid` gives the
+  root a new one on first boot, but only while it still has this one. The
+  UUID is on the command line, not in the initramfs, so the initramfs holds
+  nothing of one build and the initramfs cache serves every build;
 - `new_ssh_host_keys`: finalize.py removes the SSH host keys
   openssh-server's postinst made, which every copy would share; the
   built-in class `new-ssh-host-keys` has them made on each machine;
 - always: an empty /etc/machine-id (finalize.py), so systemd makes one on
   first boot.
 
-The hooks and units themselves are files of the built-in classes
-(`imagesmith/data/classes/`), which the switches add to the image; growth
-(`grow_root`) needs nothing from the build beyond them. This stage writes
-only what depends on the build: the UUID the root is made with.
+Growth (`grow_root`) needs nothing from the build beyond its class.
 """
 
 from __future__ import annotations
 
 from imagesmith.context import BuildContext
 
-FS_UUID_CONF = "etc/initramfs-tools/conf.d/imagesmith-new-fs-uuid"
+IMAGE_FS_UUID_PARAMETER = "imagesmith.image_fs_uuid"
 
 
-def fs_uuid_conf_text(fs_uuid: str) -> str:
-    return (
-        "# Written by imagesmith: the UUID the root filesystem was built with.\n"
-        "# While the root still has it, the initramfs script of the built-in class\n"
-        "# new-fs-uuid gives the root a new random UUID before mounting it.\n"
-        f"IMAGESMITH_IMAGE_FS_UUID={fs_uuid}\n"
-    )
-
-
-def configure_new_fs_uuid(ctx: BuildContext) -> None:
-    conf = ctx.tree / FS_UUID_CONF
+def first_boot_cmdline(ctx: BuildContext) -> list[str]:
+    """Kernel command line words for the first-boot classes."""
     if not ctx.image.settings.new_fs_uuid:
-        conf.unlink(missing_ok=True)
-        return
-    conf.parent.mkdir(parents=True, exist_ok=True)
-    conf.write_text(fs_uuid_conf_text(ctx.layout.root.fs_uuid))
-
-
-def configure_first_boot(ctx: BuildContext) -> None:
-    configure_new_fs_uuid(ctx)
+        return []
+    return [f"{IMAGE_FS_UUID_PARAMETER}={ctx.layout.root.fs_uuid}"]

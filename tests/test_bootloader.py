@@ -76,6 +76,7 @@ def test_kernel_cmdline_with_serial_console(tmp_path: Path) -> None:
     assert words == [
         f"root=PARTUUID={ctx.layout.root.uuid}",
         "ro",
+        f"imagesmith.image_fs_uuid={ctx.layout.root.fs_uuid}",
         "console=tty0",
         "console=ttyS0,115200",
     ]
@@ -95,13 +96,16 @@ def test_kernel_cmdline_serial_console_is_the_last_console(tmp_path: Path) -> No
 
 
 def test_kernel_cmdline_without_serial_console(tmp_path: Path) -> None:
-    ctx = make_context(tmp_path, 'serial_console = ""')
+    ctx = make_context(tmp_path, 'serial_console = ""\nnew_fs_uuid = false')
     assert kernel_cmdline(ctx) == f"root=PARTUUID={ctx.layout.root.uuid} ro"
 
 
 def test_grub_cfg_ext4_with_serial_console(tmp_path: Path) -> None:
     ctx = make_context(tmp_path)
-    cmdline = f"root=PARTUUID={ctx.layout.root.uuid} ro console=tty0 console=ttyS0,115200"
+    cmdline = (
+        f"root=PARTUUID={ctx.layout.root.uuid} ro imagesmith.image_fs_uuid={ctx.layout.root.fs_uuid}"
+        " console=tty0 console=ttyS0,115200"
+    )
     assert grub_cfg_text(ctx) == (
         "# Written by imagesmith.\n"
         "set timeout=1\n"

@@ -200,5 +200,5 @@ def test_image_ships_no_identity(built_examples: Path) -> None:
     assert debugfs("cat /etc/machine-id") == ""
     assert "sshd_config" in debugfs("ls /etc/ssh")
     assert "ssh_host_" not in debugfs("ls /etc/ssh")
-    conf = debugfs("cat /etc/initramfs-tools/conf.d/imagesmith-new-fs-uuid")
-    assert f"IMAGESMITH_IMAGE_FS_UUID={root['fs_uuid']}" in conf
+    grub_cfg = debugfs("cat /boot/grub/grub.cfg")
+    assert f" imagesmith.image_fs_uuid={root['fs_uuid']} " in grub_cfg

@@ -19,7 +19,7 @@ from imagesmith.config import ResolvedImage, load_config_space, resolve_image
 from imagesmith.context import BuildContext
 from imagesmith.errors import ConfigError
 from imagesmith.finalize import strip_build_state
-from imagesmith.firstboot import FS_UUID_CONF, configure_first_boot
+from imagesmith.firstboot import first_boot_cmdline
 from imagesmith.summary import summary_lines
 
 SWITCHED = ["grow-root", "new-fs-uuid", "new-ssh-host-keys"]
@@ -163,21 +163,18 @@ def stage_context(tmp_path: Path, image_settings: str = "") -> BuildContext:
     return ctx
 
 
-def test_build_removes_host_keys_and_records_the_built_fs_uuid(tmp_path: Path) -> None:
+def test_build_removes_host_keys_and_passes_on_the_built_fs_uuid(tmp_path: Path) -> None:
     ctx = stage_context(tmp_path)
-    configure_first_boot(ctx)
     strip_build_state(ctx)
     assert sorted(p.name for p in (ctx.tree / "etc/ssh").iterdir()) == ["sshd_config"]
-    conf = (ctx.tree / FS_UUID_CONF).read_text()
-    assert f"\nIMAGESMITH_IMAGE_FS_UUID={ctx.layout.root.fs_uuid}\n" in conf
+    assert first_boot_cmdline(ctx) == [f"imagesmith.image_fs_uuid={ctx.layout.root.fs_uuid}"]
 
 
 def test_build_keeps_what_the_switches_say_to_keep(tmp_path: Path) -> None:
     ctx = stage_context(tmp_path, "new_ssh_host_keys = false\nnew_fs_uuid = false\n")
-    configure_first_boot(ctx)
     strip_build_state(ctx)
     assert len(list((ctx.tree / "etc/ssh").iterdir())) == 3
-    assert not (ctx.tree / FS_UUID_CONF).exists()
+    assert first_boot_cmdline(ctx) == []
 
 
 # --- check output from the guest ------------------------------------------------

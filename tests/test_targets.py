@@ -59,6 +59,16 @@ def test_disk_outputs_apply_every_class_and_firmware_accumulates(tmp_path: Path)
     assert image.skipped_classes == ()
 
 
+def test_uefi_bios_and_hybrid_images_share_one_package_set(tmp_path: Path) -> None:
+    """So they share one stage cache entry: `build --all` runs mmdebstrap once for them."""
+    class_lists = ('"base", "uefi"', '"base", "bios"', '"base", "uefi", "bios"')
+    sets = {
+        frozenset(resolve(tmp_path / str(n), f"classes = [{classes}]").packages)
+        for n, classes in enumerate(class_lists)
+    }
+    assert len(sets) == 1
+
+
 def test_without_a_boot_class_a_disk_image_is_uefi(tmp_path: Path) -> None:
     image = resolve(tmp_path, 'classes = ["base"]')
     assert image.settings.boot_firmware == ("uefi",)
