@@ -9,8 +9,10 @@ removed whatever happens; outputs appear only when complete (see outputs.py).
 
 `build_images()` builds several images in one run: images with the same
 package installation share it through the stage cache (its per-key lock
-makes them wait for one mmdebstrap run), `jobs` images build at once, and
-one image failing never stops the others. Each image gets an `ImageResult`.
+makes them wait for one mmdebstrap run), `jobs` images build at once (the
+first image of each package set starts first, so different package sets
+install side by side), and one image failing never stops the others. Each
+image gets an `ImageResult`.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import functools
 import os
 import shutil
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imagesmith import log
+from imagesmith import log, stagecache
 from imagesmith.assemble import assemble_disk
 from imagesmith.bootloader import configure_boot
 from imagesmith.bootstrap import install_packages
@@ -39,6 +42,7 @@ from imagesmith.errors import ImagesmithError
 from imagesmith.finalize import finalize_tree
 from imagesmith.layout import DiskLayout, UuidSource, plan_disk_layout
 from imagesmith.manifest import write_manifest
+from imagesmith.mirrors import image_mirror
 from imagesmith.outputs import output_path, staged_outputs, temp_path, write_outputs
 from imagesmith.run import require_tools, stop_all_processes
 
@@ -154,6 +158,12 @@ def build_image(
                     stage(ctx)
                 if after_stage:
                     after_stage(name, ctx)
+            # Nothing reads the tree any more: free it while the outputs are written.
+            remover = threading.Thread(
+                target=shutil.rmtree, args=(ctx.tree,), kwargs={"ignore_errors": True}
+            )
+            remover.start()
+            cleanup.callback(remover.join)
             with log.stage("outputs", ctx.timings):
                 write_outputs(ctx, staged)
                 manifest = temp_path(output_path(output_dir, image.name, "manifest"))
@@ -211,6 +221,23 @@ def build_one(
     return ImageResult(image.name, True, time.monotonic() - started, outputs)
 
 
+def package_stages_first(images: list[ResolvedImage]) -> list[ResolvedImage]:
+    """The build order for parallel jobs: the first image of each package set,
+    then the rest. Images with the same package stage wait for the one that
+    runs mmdebstrap; a different package set can run its own meanwhile."""
+    firsts: list[ResolvedImage] = []
+    rest: list[ResolvedImage] = []
+    seen: set[str] = set()
+    for image in images:
+        inputs = stagecache.stage_key_inputs(
+            image, mirror=image_mirror(image), index_state={}, tool_version=""
+        )
+        group = stagecache.stage_key(inputs)
+        (rest if group in seen else firsts).append(image)
+        seen.add(group)
+    return firsts + rest
+
+
 def build_images(
     images: list[ResolvedImage],
     *,
@@ -226,15 +253,15 @@ def build_images(
     if jobs <= 1 or len(images) <= 1:
         return [build(image) for image in images]
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
-    futures = [pool.submit(build, image) for image in images]
+    futures = {image.name: pool.submit(build, image) for image in package_stages_first(images)}
     try:
-        return [f.result() for f in futures]
+        return [futures[image.name].result() for image in images]
     except BaseException:
         # Ctrl-C reaches only this thread: stop the queue and the running
         # commands, so every build cleans up and ends.
         pool.shutdown(wait=False, cancel_futures=True)
         stop_all_processes()
-        concurrent.futures.wait(futures)
+        concurrent.futures.wait(futures.values())
         raise
     finally:
         pool.shutdown(wait=True)

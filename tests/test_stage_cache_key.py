@@ -295,3 +295,23 @@ def test_cache_verb_lists_and_prunes(tmp_path: Path) -> None:
     pruned = imagesmith("cache", "prune", "--max-age", "2d", "--cache-dir", cache)
     assert pruned.returncode == 0 and "removed 1 entries" in pruned.stdout
     assert not (cache / "stages/0123abcd").exists()
+
+
+def test_parallel_builds_start_each_package_set_first(tmp_path: Path) -> None:
+    """With -j N, a second package set runs its mmdebstrap while the images
+    sharing the first one wait for theirs."""
+    from imagesmith.build import package_stages_first
+    from tests.test_config import make_space
+
+    space = make_space(
+        tmp_path,
+        '[defaults]\nmirror = "http://mirror.example/debian"\n'
+        '[images.a]\nclasses = ["base", "uefi"]\n'
+        '[images.b]\nclasses = ["base", "bios"]\n'
+        '[images.c]\nclasses = ["base", "uefi", "extra"]\n'
+        '[images.d]\nclasses = ["base", "uefi", "extra"]\n',
+        {"extra": '[packages]\ninstall = ["tree"]\n'},
+    )
+    loaded = load_config_space(space)
+    images = [resolve_image(loaded, name) for name in "abcd"]
+    assert [i.name for i in package_stages_first(images)] == ["a", "c", "b", "d"]
