@@ -342,3 +342,16 @@ def test_repository_unknown_key_and_missing_key_file(tmp_path: Path) -> None:
     assert (
         f"signed_by key file '{tmp_path / 'missing.gpg'}' not found" in load_error(folder).message
     )
+
+
+def test_builtin_unit_links_are_symlinks() -> None:
+    """Enabling and masking units are symlinks; a file holding the link's text
+    is no unit at all, and systemd ignores it without a word."""
+    system = [
+        BUILTIN_CLASSES / "base/files/etc/systemd/system/systemd-firstboot.service",
+        *BUILTIN_CLASSES.glob("*/files/etc/systemd/system/*.wants/*"),
+    ]
+    assert len(system) >= 2
+    for link in system:
+        assert link.is_symlink(), f"{link} is not a symlink"
+    assert str(system[0].readlink()) == "/dev/null"
