@@ -48,13 +48,15 @@ from imagesmith.run import require_tools, stop_all_processes
 
 Stage = Callable[[BuildContext], None]
 
-STAGES: tuple[tuple[str, Stage], ...] = (
-    ("bootstrap and packages", install_packages),
-    ("customise", customize_tree),
-    ("boot setup", configure_boot),
-    ("finalise", finalize_tree),
-    ("assemble disk", assemble_disk),
-    ("assemble container", assemble_container),
+ALL = ("disk", "container")
+# (name, stage, the targets it runs for)
+STAGES: tuple[tuple[str, Stage, tuple[str, ...]], ...] = (
+    ("bootstrap and packages", install_packages, ALL),
+    ("customise", customize_tree, ALL),
+    ("boot setup", configure_boot, ("disk",)),
+    ("finalise", finalize_tree, ALL),
+    ("assemble disk", assemble_disk, ("disk",)),
+    ("assemble container", assemble_container, ("container",)),
 )
 
 HOST_TOOLS = ("mmdebstrap", "unshare", "dpkg-query")
@@ -153,7 +155,9 @@ def build_image(
                 ctx.disk_file = staged["raw"] = temp_path(
                     output_path(output_dir, image.name, "raw")
                 )
-            for name, stage in STAGES:
+            for name, stage, targets in STAGES:
+                if image.target not in targets:
+                    continue
                 with log.stage(name, ctx.timings):
                     stage(ctx)
                 if after_stage:
