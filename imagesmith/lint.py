@@ -8,6 +8,11 @@ checks diskimage-builder elements:
 - a shell script stops on errors (`set -e`, or `set -eu` and friends);
 - a shell script parses (`sh -n`, or `bash -n` for bash scripts).
 
+and every unit link in a class's files tree (`etc/systemd/*/NAME.wants/`,
+`.requires/`) is a symlink: a regular file there, say one holding the link's
+target as text after a copy that lost symlinks, is silently ignored by
+systemd.
+
 One line per problem, `file:line: message`.
 """
 
@@ -60,6 +65,28 @@ def lint_script(script: Path) -> list[LintProblem]:
     return problems
 
 
+UNIT_LINK_DIRS = ("*.wants", "*.requires", "*.upholds")
+
+
+def lint_unit_links(cls: ClassDef) -> list[LintProblem]:
+    files = cls.files_dir
+    if files is None:
+        return []
+    problems = []
+    for pattern in UNIT_LINK_DIRS:
+        for link_dir in sorted((files / "etc/systemd").glob(f"*/{pattern}")):
+            for entry in sorted(link_dir.iterdir()):
+                if not entry.is_symlink():
+                    problems.append(
+                        LintProblem(
+                            str(entry),
+                            "not a symlink: systemd ignores it "
+                            f"(make it one: ln -sf /usr/lib/systemd/system/{entry.name} {entry})",
+                        )
+                    )
+    return problems
+
+
 def lint_config_space(space: ConfigSpace) -> tuple[list[LintProblem], int]:
     """(problems, number of images resolved)."""
     problems: list[LintProblem] = []
@@ -79,4 +106,5 @@ def lint_config_space(space: ConfigSpace) -> tuple[list[LintProblem], int]:
             seen.add(cls.path)
             for script in cls.scripts:
                 problems += lint_script(script)
+            problems += lint_unit_links(cls)
     return problems, resolved

@@ -35,6 +35,20 @@ def test_lint_reports_script_problems_one_line_each(config_copy: Path) -> None:
     assert len(lines) == 3
 
 
+def test_lint_reports_a_unit_link_that_is_not_a_symlink(config_copy: Path) -> None:
+    wants = config_copy / "classes/example/files/etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True)
+    (wants / "good.service").symlink_to("/usr/lib/systemd/system/good.service")
+    text = wants / "lost.service"
+    text.write_text("/usr/lib/systemd/system/lost.service")
+    result = imagesmith("lint", "-C", config_copy, timeout=60)
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        f"{text}: not a symlink: systemd ignores it (make it one: "
+        f"ln -sf /usr/lib/systemd/system/lost.service {text})"
+    ]
+
+
 def test_lint_reports_every_broken_image(config_copy: Path) -> None:
     config = config_copy / "imagesmith.toml"
     config.write_text(config.read_text().replace('"example"]', '"example", "missing"]'))
