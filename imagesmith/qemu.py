@@ -401,7 +401,8 @@ def test_image(
             log.info(f"testing {image} under QEMU ({firmware}, {accel}), timeout {timeout}s")
             result = watch_vm(
                 argv, console, report, nonce, timeout, scratch,
-                kvm=accel == "kvm", firmware_log=firmware_log, tcg_race=vcpus > 1,
+                kvm=accel == "kvm", firmware_log=firmware_log,
+                tcg_race=accel == "tcg" and vcpus > 1,
             )  # fmt: skip
             if result == "kvm-failed" and accel == "kvm":
                 why = KVM_FAILURE.search(read_text(scratch / "qemu.err"))
@@ -473,8 +474,8 @@ def watch_vm(
 
     Under `kvm`, QEMU's KVM errors end the boot as "kvm-failed", and with a
     `firmware_log` (SeaBIOS), so does a BIOS that has not started booting
-    the disk within SEABIOS_KVM_GRACE seconds. Under TCG with `tcg_race`
-    (more than one vCPU), a guest oops from TCG's code-patching race ends
+    the disk within SEABIOS_KVM_GRACE seconds. With `tcg_race` (TCG with
+    more than one vCPU), a guest oops from TCG's code-patching race ends
     the boot at once as "tcg-race", for the caller to boot again with one.
     """
     log.debug(format_command(argv))
@@ -497,7 +498,7 @@ def watch_vm(
                 text = read_text(console)
                 if UNIT_FAILED in text:
                     return "check-unit-failed"
-                if not kvm and tcg_race and TCG_CODE_PATCH_RACE in text:
+                if tcg_race and TCG_CODE_PATCH_RACE in text:
                     return "tcg-race"
                 # On a KVM internal error QEMU pauses the guest and lives on.
                 if kvm and KVM_FAILURE.search(read_text(qemu_err)):
