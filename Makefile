@@ -47,7 +47,7 @@ lint: setup
 	$(BIN)/mypy
 
 docs: setup
-	$(BIN)/python -m imagesmith.docs > docs/config-reference.md
+	$(BIN)/python -m imagesmith.config.reference > docs/config-reference.md
 
 clean:
 	rm -rf $(OUT) $(VENV) *.egg-info

@@ -37,9 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from imagesmith.config import load_config_space, resolve_image  # noqa: E402
-from imagesmith.mirrors import image_mirror  # noqa: E402
-from imagesmith.qemu import pick_accel, pick_firmware, qemu_argv, vm_scratch  # noqa: E402
+from imagesmith.config.space import load_config_space, resolve_image  # noqa: E402
+from imagesmith.host.aptsources import archive_mirror  # noqa: E402
+from imagesmith.inspect.qemu import pick_accel, pick_firmware, qemu_argv, vm_scratch  # noqa: E402
 
 MEASUREMENTS = ("cold", "warm", "one-file", "add-package", "all", "boot")
 ALL_JOBS = 2  # as the README runs it
@@ -94,7 +94,7 @@ class Bench:
     def mmdebstrap_alone(self) -> float:
         """Plain mmdebstrap with the image's packages, no cache, into RAM like imagesmith."""
         image = self.resolved
-        mirror = image_mirror(image)
+        mirror = archive_mirror(image.settings.mirror)
         s = image.settings
         mirror_line = f"deb {mirror} {s.suite} {' '.join(s.components)}"
         target = Path(tempfile.mkdtemp(prefix="bench-mmdebstrap-", dir="/dev/shm"))

@@ -1,3 +1,3 @@
-from imagesmith.cli import main
+from imagesmith.cli.main import main
 
 raise SystemExit(main())

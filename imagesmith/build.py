@@ -5,7 +5,8 @@
 runs the stages in order. Each stage is a plain function of the
 `BuildContext` in its own module, and returns at once when it does not apply
 (a container image has no boot setup and no disk). The scratch directory is
-removed whatever happens; outputs appear only when complete (see outputs.py).
+removed whatever happens; outputs appear only when complete (see
+stages/outputs.py).
 
 `build_images()` builds several images in one run: images with the same
 package installation share it through the stage cache (its per-key lock
@@ -30,21 +31,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imagesmith import log, stagecache
-from imagesmith.assemble import assemble_disk
-from imagesmith.bootloader import configure_boot
-from imagesmith.bootstrap import install_packages
-from imagesmith.config import ResolvedImage
-from imagesmith.container import assemble_container
+from imagesmith import log
+from imagesmith.cache import stages as stagecache
+from imagesmith.config.layout import DiskLayout, UuidSource, plan_disk_layout
+from imagesmith.config.space import ResolvedImage
 from imagesmith.context import BuildContext
-from imagesmith.customize import customize_tree
-from imagesmith.errors import ImagesmithError
-from imagesmith.finalize import finalize_tree
-from imagesmith.layout import DiskLayout, UuidSource, plan_disk_layout
-from imagesmith.manifest import write_manifest
-from imagesmith.mirrors import image_mirror
-from imagesmith.outputs import output_path, staged_outputs, temp_path, write_outputs
-from imagesmith.run import require_tools, stop_all_processes
+from imagesmith.errors import ConfigError, ImagesmithError
+from imagesmith.formats import output_path, temp_path
+from imagesmith.host.aptsources import archive_mirror
+from imagesmith.host.run import require_tools, stop_all_processes
+from imagesmith.stages.assemble_container import assemble_container
+from imagesmith.stages.assemble_disk import assemble_disk
+from imagesmith.stages.bootsetup import configure_boot
+from imagesmith.stages.bootstrap import install_packages
+from imagesmith.stages.customize import customize_tree
+from imagesmith.stages.finalize import finalize_tree
+from imagesmith.stages.outputs import staged_outputs, write_manifest, write_outputs
 
 Stage = Callable[[BuildContext], None]
 
@@ -89,8 +91,6 @@ def pick_workdir_parent(output_dir: Path) -> Path:
 
 def check_host(image: ResolvedImage) -> None:
     if os.geteuid() != 0:
-        from imagesmith.errors import ConfigError
-
         raise ConfigError("imagesmith build must run as root", hint="use sudo")
     tools = [*HOST_TOOLS]
     if image.target == "disk":
@@ -234,7 +234,7 @@ def package_stages_first(images: list[ResolvedImage]) -> list[ResolvedImage]:
     seen: set[str] = set()
     for image in images:
         inputs = stagecache.stage_key_inputs(
-            image, mirror=image_mirror(image), index_state={}, tool_version=""
+            image, mirror=archive_mirror(image.settings.mirror), index_state={}, tool_version=""
         )
         group = stagecache.stage_key(inputs)
         (rest if group in seen else firsts).append(image)

@@ -1,13 +1,17 @@
-"""The build context: what every stage reads and writes."""
+"""The build context: what every stage reads, and what stages pass on.
+
+Each field below the inputs is written by one stage and read by later ones;
+the comment says which.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from imagesmith.config import ResolvedImage
-from imagesmith.layout import DiskLayout
+from imagesmith.cache.entries import CacheUse
+from imagesmith.config.layout import DiskLayout
+from imagesmith.config.space import ResolvedImage
 
 
 @dataclass
@@ -15,17 +19,29 @@ class BuildContext:
     image: ResolvedImage
     workdir: Path  # scratch space, removed after the build
     output_dir: Path
-    cache_dir: Path  # shared by all builds: .debs
+    cache_dir: Path  # shared by all builds: .debs, stage and initramfs entries
     layout: DiskLayout
     timings: dict[str, float] = field(default_factory=dict)
-    # Filled in as the stages run.
-    kernel_version: str = ""
-    packages: list[dict[str, str]] = field(default_factory=list)
-    outputs: dict[str, Path] = field(default_factory=dict)  # format -> temp file
-    extra: dict[str, Any] = field(default_factory=dict)
     # Where the disk is assembled: the raw output's temp file when the image
     # has a raw output (no copy), else a file in the workdir.
     disk_file: Path | None = None
+
+    # bootstrap -> finalise (image sources), manifest
+    mirror: str = ""
+    # bootstrap -> finalise (hygiene scan), manifest: what must never ship
+    secrets: list[bytes] = field(default_factory=list)
+    build_repositories: list[str] = field(default_factory=list)
+    # bootstrap, boot setup -> manifest
+    stage_cache: CacheUse | None = None
+    initramfs_cache: CacheUse | None = None
+    # boot setup -> manifest
+    kernel_version: str = ""
+    # finalise -> manifest
+    packages: list[dict[str, str]] = field(default_factory=list)
+    # outputs -> manifest
+    outputs: dict[str, Path] = field(default_factory=dict)  # format -> temp file
+    output_sha256: dict[str, str] = field(default_factory=dict)  # format -> digest
+    oci_manifest_digest: str = ""
 
     @property
     def tree(self) -> Path:

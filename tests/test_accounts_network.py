@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from imagesmith.accounts import User, check_user, implied_packages, merge_users
+from imagesmith.config.interfaces import Interface, check_interface, merge_interfaces
+from imagesmith.config.users import User, check_user, implied_packages, merge_users
 from imagesmith.errors import ConfigError
-from imagesmith.network import Interface, check_interface, merge_interfaces, network_file
+from imagesmith.tree.network import network_file
 
 
 def test_user_defaults_lock_the_password() -> None:

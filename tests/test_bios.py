@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from imagesmith.assemble import sfdisk_script
-from imagesmith.layout import plan_disk_layout
+from imagesmith.config.layout import plan_disk_layout
+from imagesmith.disk.gpt import sfdisk_script
 from tests.conftest import EXAMPLES, REPO, imagesmith
 
 pytestmark = [pytest.mark.build]

@@ -7,11 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from imagesmith.bootloader import find_kernel_version, fstab_text, grub_cfg_text, kernel_cmdline
-from imagesmith.config import load_config_space, resolve_image
+from imagesmith.config.layout import UuidSource, plan_disk_layout
+from imagesmith.config.space import load_config_space, resolve_image
 from imagesmith.context import BuildContext
 from imagesmith.errors import BuildError, ConfigError
-from imagesmith.layout import UuidSource, plan_disk_layout
+from imagesmith.stages.bootsetup import (
+    find_kernel_version,
+    fstab_text,
+    grub_cfg_text,
+    kernel_cmdline,
+)
 
 KERNEL = "6.12.38+deb13-amd64"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from imagesmith.outputs import output_path
+from imagesmith.formats import output_path
 from tests.conftest import EXAMPLES, imagesmith
 
 EXAMPLE_IMAGES = tomllib.loads((EXAMPLES / "imagesmith.toml").read_text())["images"]

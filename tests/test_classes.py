@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imagesmith.classes import (
+from imagesmith.config.classes import (
     BUILTIN_CLASSES,
     ClassDef,
     find_class,

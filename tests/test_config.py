@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from imagesmith.classes import BUILTIN_CLASSES
-from imagesmith.config import load_config_space, resolve_image
+from imagesmith.config.classes import BUILTIN_CLASSES
+from imagesmith.config.settings import GiB, MiB
+from imagesmith.config.space import load_config_space, resolve_image
+from imagesmith.config.tomlfile import locate
 from imagesmith.errors import ConfigError
-from imagesmith.settings import GiB, MiB
-from imagesmith.tomlfile import locate
 
 
 def write(path: Path, text: str) -> Path:

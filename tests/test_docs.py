@@ -1,5 +1,5 @@
-from imagesmith.docs import reference_page
-from imagesmith.settings import SETTINGS
+from imagesmith.config.reference import reference_page
+from imagesmith.config.settings import SETTINGS
 from tests.conftest import REPO
 
 

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from imagesmith import qemu
 from imagesmith.build import plan_image_layout
-from imagesmith.classes import BUILTIN_CLASSES, add_switched_classes
-from imagesmith.config import ResolvedImage, load_config_space, resolve_image
+from imagesmith.config.classes import BUILTIN_CLASSES, add_switched_classes
+from imagesmith.config.space import ResolvedImage, load_config_space, resolve_image
 from imagesmith.context import BuildContext
 from imagesmith.errors import ConfigError
-from imagesmith.finalize import strip_build_state
-from imagesmith.firstboot import first_boot_cmdline
-from imagesmith.summary import summary_lines
+from imagesmith.inspect import vmtest as qemu
+from imagesmith.inspect.summary import summary_lines
+from imagesmith.stages.finalize import strip_build_state
+from imagesmith.tree.firstboot import first_boot_cmdline
 
 SWITCHED = ["grow-root", "new-fs-uuid", "new-ssh-host-keys"]
 
@@ -167,14 +167,16 @@ def test_build_removes_host_keys_and_passes_on_the_built_fs_uuid(tmp_path: Path)
     ctx = stage_context(tmp_path)
     strip_build_state(ctx)
     assert sorted(p.name for p in (ctx.tree / "etc/ssh").iterdir()) == ["sshd_config"]
-    assert first_boot_cmdline(ctx) == [f"imagesmith.image_fs_uuid={ctx.layout.root.fs_uuid}"]
+    assert first_boot_cmdline(ctx.image.settings, ctx.layout) == [
+        f"imagesmith.image_fs_uuid={ctx.layout.root.fs_uuid}"
+    ]
 
 
 def test_build_keeps_what_the_switches_say_to_keep(tmp_path: Path) -> None:
     ctx = stage_context(tmp_path, "new_ssh_host_keys = false\nnew_fs_uuid = false\n")
     strip_build_state(ctx)
     assert len(list((ctx.tree / "etc/ssh").iterdir())) == 3
-    assert first_boot_cmdline(ctx) == []
+    assert first_boot_cmdline(ctx.image.settings, ctx.layout) == []
 
 
 # --- check output from the guest ------------------------------------------------

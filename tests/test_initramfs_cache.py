@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from imagesmith import initramfs
+from imagesmith.cache import initramfs
 
 KVER = "6.12.0-1-amd64"
 

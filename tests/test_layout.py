@@ -6,15 +6,15 @@ import re
 
 import pytest
 
-from imagesmith.assemble import sfdisk_script
-from imagesmith.errors import ConfigError
-from imagesmith.layout import (
+from imagesmith.config.layout import (
     DiskLayout,
     UuidSource,
     check_layout_fits,
     plan_disk_layout,
 )
-from imagesmith.settings import GiB, ImageSettings, MiB, merge_settings, parse_size
+from imagesmith.config.settings import GiB, ImageSettings, MiB, merge_settings, parse_size
+from imagesmith.disk.gpt import sfdisk_script
+from imagesmith.errors import ConfigError
 
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 ROOT_X86_64_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"

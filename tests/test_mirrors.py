@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from imagesmith.errors import ConfigError
-from imagesmith.mirrors import host_apt_entries, host_debian_mirror
+from imagesmith.host.aptsources import host_apt_entries, host_debian_mirror
 
 MIRROR = "http://mirror.example/debian"
 SECURITY = "http://security.example/debian-security"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imagesmith.outputs import HASH_CHUNK, sha256_file
+from imagesmith.disk.sparse import HASH_CHUNK, sha256_file
 
 MiB = 1024 * 1024
 

@@ -22,11 +22,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from imagesmith.imagefiles import image_tree
-from imagesmith.mirrors import host_debian_mirror
-from imagesmith.qemu import find_firmware, qemu_argv
-from imagesmith.repositories import BUILD_DIR_PARENT
-from imagesmith.run import stop_process
+from imagesmith.host.aptsources import host_debian_mirror
+from imagesmith.host.run import stop_process
+from imagesmith.inspect.imagefiles import image_tree
+from imagesmith.inspect.qemu import find_firmware, qemu_argv
+from imagesmith.tree.aptsources import BUILD_DIR_PARENT
 from tests.conftest import EXAMPLES, imagesmith
 from tests.repo_server import build_deb, make_certificates, make_repository, serve_https
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from imagesmith import qemu
+from imagesmith.inspect import vmtest as qemu
 
 # Plays one QEMU run per line of $FAKE_QEMU_SCRIPT (consumed in order):
 #   msr    - says KVM refused an MSR and exits 1, as QEMU 7.2 does on some hosts

@@ -6,8 +6,7 @@ import dataclasses
 
 import pytest
 
-from imagesmith.errors import ConfigError
-from imagesmith.settings import (
+from imagesmith.config.settings import (
     SETTINGS_BY_NAME,
     GiB,
     MiB,
@@ -16,6 +15,7 @@ from imagesmith.settings import (
     merge_settings,
     parse_size,
 )
+from imagesmith.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -29,9 +29,10 @@ from typing import Any
 
 import pytest
 
-from imagesmith import initramfs, log
+from imagesmith import log
 from imagesmith.build import build_image
-from imagesmith.config import load_config_space, resolve_image
+from imagesmith.cache import initramfs
+from imagesmith.config.space import load_config_space, resolve_image
 from imagesmith.context import BuildContext
 from tests.conftest import EXAMPLES, empty_stage_cache, imagesmith
 

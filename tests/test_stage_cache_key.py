@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from imagesmith import cacheadmin, stagecache
-from imagesmith.config import ResolvedImage, load_config_space, resolve_image
+from imagesmith.cache import admin as cacheadmin
+from imagesmith.cache import index
+from imagesmith.cache import stages as stagecache
+from imagesmith.config.space import ResolvedImage, load_config_space, resolve_image
 from imagesmith.errors import BuildError
 from tests.conftest import imagesmith
 
@@ -144,15 +146,15 @@ def test_index_state_and_tool_version_change_the_key(config_copy: Path) -> None:
 
 
 def test_index_urls() -> None:
-    assert stagecache.IndexSource("m", "http://a.example/debian/", "trixie").urls == (
+    assert index.IndexSource("m", "http://a.example/debian/", "trixie").urls == (
         "http://a.example/debian/dists/trixie/InRelease",
         "http://a.example/debian/dists/trixie/Release",
     )
-    assert stagecache.IndexSource("flat", "http://a.example/repo", "./").urls == (
+    assert index.IndexSource("flat", "http://a.example/repo", "./").urls == (
         "http://a.example/repo/InRelease",
         "http://a.example/repo/Release",
     )
-    assert stagecache.IndexSource("flat", "http://a.example/repo", "sub/").urls[0] == (
+    assert index.IndexSource("flat", "http://a.example/repo", "sub/").urls[0] == (
         "http://a.example/repo/sub/InRelease"
     )
 
@@ -161,24 +163,24 @@ def test_fetch_index_prefers_inrelease_then_release(tmp_path: Path) -> None:
     dists = tmp_path / "dists/trixie"
     dists.mkdir(parents=True)
     (dists / "Release").write_text("Suite: trixie\n")
-    source = stagecache.IndexSource("vendor", f"file://{tmp_path}", "trixie")
-    only_release = stagecache.fetch_index(source)
+    source = index.IndexSource("vendor", f"file://{tmp_path}", "trixie")
+    only_release = index.fetch_index(source)
     (dists / "InRelease").write_text("signed Suite: trixie\n")
-    assert stagecache.fetch_index(source) != only_release
-    state = stagecache.fetch_index_state([source])
-    assert state == {f"file://{tmp_path}/dists/trixie/InRelease": stagecache.fetch_index(source)}
+    assert index.fetch_index(source) != only_release
+    state = index.fetch_index_state([source])
+    assert state == {f"file://{tmp_path}/dists/trixie/InRelease": index.fetch_index(source)}
 
 
 def test_fetch_index_failure_names_the_repository(tmp_path: Path) -> None:
-    source = stagecache.IndexSource("vendor", f"file://{tmp_path}/nothing", "trixie")
+    source = index.IndexSource("vendor", f"file://{tmp_path}/nothing", "trixie")
     with pytest.raises(
         BuildError, match=r"repository 'vendor' \(file://.*/nothing\) failed: .* trixie"
     ):
-        stagecache.fetch_index(source)
-    unreachable = stagecache.IndexSource("mirror", "http://127.0.0.1:9/debian", "trixie")
+        index.fetch_index(source)
+    unreachable = index.IndexSource("mirror", "http://127.0.0.1:9/debian", "trixie")
     started = time.monotonic()
     with pytest.raises(BuildError, match="repository 'mirror'"):
-        stagecache.fetch_index(unreachable, timeout=5)
+        index.fetch_index(unreachable, timeout=5)
     assert time.monotonic() - started < 5
 
 
@@ -222,7 +224,8 @@ def test_entry_round_trip_keeps_owners_modes_xattrs_links_devices(tmp_path: Path
 SLOW_SAVE = """
 import sys
 from pathlib import Path
-from imagesmith import stagecache
+from imagesmith.cache import index
+from imagesmith.cache import stages as stagecache
 stagecache.save_tree(Path(sys.argv[1]), "k1", Path(sys.argv[2]), {})
 """
 

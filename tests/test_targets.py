@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from imagesmith.assemble import sfdisk_script
-from imagesmith.biosboot import patch_boot_img, patch_core_img
-from imagesmith.config import ResolvedImage, load_config_space, resolve_image
-from imagesmith.container import key_values
+from imagesmith.config.layout import BIOS_BOOT_TYPE, DiskLayout, UuidSource, plan_disk_layout
+from imagesmith.config.settings import GiB, MiB
+from imagesmith.config.space import ResolvedImage, load_config_space, resolve_image
+from imagesmith.disk.biosboot import patch_boot_img, patch_core_img
+from imagesmith.disk.gpt import sfdisk_script
 from imagesmith.errors import BuildError, ConfigError
-from imagesmith.layout import BIOS_BOOT_TYPE, DiskLayout, UuidSource, plan_disk_layout
-from imagesmith.qemu import manifest_for, pick_accel, pick_firmware
-from imagesmith.settings import GiB, MiB
+from imagesmith.formats import manifest_for
+from imagesmith.formats.oci import key_values
+from imagesmith.inspect.qemu import pick_accel, pick_firmware
 from tests.test_config import make_space
 
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from imagesmith.assemble import make_btrfs, make_esp, make_ext4, write_partition_table
-from imagesmith.layout import MiB, UuidSource, plan_disk_layout
+from imagesmith.config.layout import MiB, UuidSource, plan_disk_layout
+from imagesmith.disk.filesystems import make_btrfs, make_esp, make_ext4
+from imagesmith.disk.gpt import write_partition_table
 from tests.conftest import imagesmith
 
 HOST_RESOLV = Path("/etc/resolv.conf")
@@ -128,7 +129,7 @@ def test_known_root_password_is_found(tmp_path: Path) -> None:
 
 
 def test_host_resolv_conf_is_found(tmp_path: Path) -> None:
-    from imagesmith.verify import ScanContext, scan_tree
+    from imagesmith.inspect.verify import ScanContext, scan_tree
 
     tree = clean_tree(tmp_path / "root")
     (tree / "etc/resolv.conf").write_text("nameserver 192.0.2.53\n")
@@ -140,7 +141,7 @@ def test_host_resolv_conf_is_found(tmp_path: Path) -> None:
 
 
 def test_build_secret_is_found_by_digest_from_the_manifest(tmp_path: Path) -> None:
-    from imagesmith.verify import secret_digest
+    from imagesmith.inspect.verify import secret_digest
 
     tree = clean_tree(tmp_path / "root")
     secret = b"-----BEGIN CERTIFICATE-----\nMIIBclientcert\n-----END CERTIFICATE-----\n"

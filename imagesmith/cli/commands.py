@@ -1,0 +1,159 @@
+"""What each verb does: `cmd_VERB(args)` returns the exit code.
+
+Errors are raised as the project's error types; `main()` in __init__.py turns
+them into messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from imagesmith.build import ImageResult, build_images, default_cache_dir
+from imagesmith.cache import admin as cacheadmin
+from imagesmith.config.settings import format_size, parse_size
+from imagesmith.config.space import ResolvedImage, load_config_space, resolve_image
+from imagesmith.errors import ConfigError
+from imagesmith.inspect.lint import lint_config_space
+from imagesmith.inspect.qemu import boot_interactive
+from imagesmith.inspect.summary import print_summary
+from imagesmith.inspect.verify import verify_image_file
+from imagesmith.inspect.vmtest import test_image, write_report
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    return {"filesystem": args.filesystem} if args.filesystem else {}
+
+
+def resolve_requested(args: argparse.Namespace) -> list[ResolvedImage]:
+    """Every image asked for, resolved and checked before any of them builds."""
+    space = load_config_space(args.config_space)
+    if args.all and args.images:
+        raise ConfigError("name images or give --all, not both")
+    names = list(space.images) if args.all else args.images or [space.default_image]
+    return [resolve_image(space, n, overrides=overrides_from(args)) for n in names]
+
+
+def format_results(results: list[ImageResult]) -> str:
+    """The table `imagesmith build` ends with: one row per image."""
+    rows = [("image", "status", "time", "outputs")]
+    for r in results:
+        if r.ok:
+            files = []
+            for path in r.outputs.values():
+                st = path.stat()
+                size = format_size(st.st_size)
+                if st.st_blocks * 512 < st.st_size // 2:  # sparse: say what it really holds
+                    size += f", {format_size(st.st_blocks * 512)} allocated"
+                files.append(f"{path.name} ({size})")
+            detail = ", ".join(files)
+        else:
+            detail = r.error
+        rows.append((r.name, "ok" if r.ok else "FAILED", f"{r.duration:.1f}s", detail))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(
+        f"{name:<{widths[0]}}  {status:<{widths[1]}}  {time:>{widths[2]}}  {detail}".rstrip()
+        for name, status, time, detail in rows
+    )
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    if args.jobs < 1:
+        raise ConfigError(f"-j {args.jobs}: the number of jobs must be at least 1")
+    images = resolve_requested(args)
+    results = build_images(
+        images,
+        output_dir=args.output,
+        cache_dir=args.cache_dir,
+        uuid_seed=args.uuid_seed or "",
+        jobs=args.jobs,
+    )
+    print(format_results(results), flush=True)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        names = ", ".join(r.name for r in failed)
+        print(
+            f"imagesmith: error: {len(failed)} of {len(results)} failed: {names}", file=sys.stderr
+        )
+    return max((r.exit_code for r in failed), default=0)
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    for image in resolve_requested(args):
+        print_summary(image)
+    return 0
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    return boot_interactive(
+        args.image_file,
+        memory=args.memory,
+        snapshot=args.snapshot,
+        ssh_port=args.ssh_port,
+        firmware=args.firmware,
+    )
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    result = test_image(
+        args.image_file,
+        checks_dir=args.checks,
+        timeout=args.timeout,
+        memory=args.memory,
+        in_place=args.in_place,
+        console_log=args.console_log,
+        firmware=args.firmware,
+    )
+    if args.report is not None:
+        write_report(result, args.report)
+    print(result.summary())
+    return 0 if result.passed else 1
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    findings, waived = verify_image_file(args.image_file, args.manifest)
+    for finding in waived:
+        print(f"waived: {finding.line()}")
+    for finding in findings:
+        print(finding.line())
+    if findings:
+        print(f"{args.image_file}: {len(findings)} finding(s)", file=sys.stderr)
+        return 1
+    print(f"{args.image_file}: clean", file=sys.stderr)
+    return 0
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    space = load_config_space(args.config_space)
+    problems, resolved = lint_config_space(space)
+    for problem in problems:
+        print(problem.line())
+    print(
+        f"{space.config_file}: {resolved} of {len(space.images)} image(s) resolved, "
+        f"{len(problems)} problem(s)",
+        file=sys.stderr,
+    )
+    return 1 if problems else 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    cache_dir = args.cache_dir or default_cache_dir()
+    if args.action == "list":
+        print(f"cache directory {cache_dir}")
+        print(cacheadmin.format_entries(cacheadmin.list_entries(cache_dir)))
+        return 0
+    if not (args.all or args.max_age or args.max_size):
+        raise ConfigError(
+            "cache prune: say what to remove", hint="--max-age 30d, --max-size 20GiB or --all"
+        )
+    removed = cacheadmin.prune(
+        cache_dir,
+        max_age=cacheadmin.parse_age(args.max_age) if args.max_age else None,
+        max_size=parse_size(args.max_size, where="--max-size") if args.max_size else None,
+        everything=args.all,
+    )
+    print(f"removed {len(removed)} entries from {cache_dir}")
+    if removed:
+        print(cacheadmin.format_entries(removed))
+    return 0

@@ -1,0 +1,227 @@
+"""The command line's parser: one function per verb, each with its --help."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from imagesmith import __version__
+from imagesmith.cli import commands
+
+
+def add_config_space_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-C", "--config-space", type=Path, default=Path("."), metavar="DIR",
+        help="config space directory holding imagesmith.toml (default: .)",
+    )  # fmt: skip
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    add_config_space_arg(parser)
+    parser.add_argument(
+        "images", nargs="*", metavar="IMAGE",
+        help="image name(s) from imagesmith.toml (default: its default_image)",
+    )  # fmt: skip
+    parser.add_argument(
+        "-a", "--all", action="store_true", help="every image of the config space",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fs", "--filesystem", dest="filesystem", choices=("ext4", "btrfs"),
+        help="root filesystem, overriding the config",
+    )  # fmt: skip
+
+
+def add_firmware_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--firmware", choices=("uefi", "bios"),
+        help="boot under UEFI (OVMF) or a PC BIOS (SeaBIOS); default: what the image's "
+        "manifest (IMAGE.manifest.json beside it) records, the first of both for a hybrid "
+        "image, else uefi",
+    )  # fmt: skip
+
+
+def add_build_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    build = verbs.add_parser(
+        "build",
+        help="build one image, several, or --all",
+        description="Build disk and container images. One image failing does not stop the "
+        "others; the command ends with a table of every image's status, time and outputs, "
+        "and exits non-zero if any failed.",
+    )
+    add_config_args(build)
+    build.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("out"),
+        metavar="DIR",
+        help="output directory (default: ./out)",
+    )
+    build.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="shared cache (.debs); default /var/cache/imagesmith or $IMAGESMITH_CACHE_DIR",
+    )
+    build.add_argument(
+        "--uuid-seed",
+        metavar="TEXT",
+        help="derive partition and filesystem UUIDs from TEXT (reproducible output) instead of random ones",
+    )
+    build.add_argument(
+        "-j", "--jobs", type=int, default=1, metavar="N",
+        help="build up to N images at once (default 1); images with the same packages "
+        "install them once either way",
+    )  # fmt: skip
+    build.set_defaults(func=commands.cmd_build)
+
+
+def add_summary_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    summary = verbs.add_parser(
+        "summary",
+        help="show what an image would be, building nothing",
+        description="Print the resolved classes, packages, partitions and outputs of images without building.",
+    )
+    add_config_args(summary)
+    summary.set_defaults(func=commands.cmd_summary)
+
+
+def add_boot_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    boot = verbs.add_parser(
+        "boot",
+        help="start a built image in QEMU on the terminal",
+        description="Boot a disk image (raw, qcow2 or raw.zst) in QEMU under UEFI or BIOS firmware; the serial console is this terminal (Ctrl-A X quits).",
+    )
+    boot.add_argument("image_file", type=Path, metavar="IMAGE_FILE")
+    add_firmware_arg(boot)
+    boot.add_argument("-m", "--memory", type=int, default=1024, metavar="MiB")
+    boot.add_argument(
+        "--snapshot", action="store_true", help="discard the guest's writes to the disk"
+    )
+    boot.add_argument(
+        "--ssh-port",
+        type=int,
+        metavar="PORT",
+        help="forward 127.0.0.1:PORT on this machine to the guest's SSH port",
+    )
+    boot.set_defaults(func=commands.cmd_boot)
+
+
+def add_test_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    test = verbs.add_parser(
+        "test",
+        help="boot an image headless and check it from inside",
+        description="Boot a disk image (raw, qcow2 or raw.zst) headless in QEMU and pass only when checks run inside the guest succeed: multi-user reached with no failed units, root mounted read-write, a serial getty active, plus any --checks scripts.",
+    )
+    test.add_argument("image_file", type=Path, metavar="IMAGE_FILE")
+    add_firmware_arg(test)
+    test.add_argument(
+        "--checks",
+        type=Path,
+        metavar="DIR",
+        help="directory of executable check scripts to copy into the guest and run as root",
+    )
+    test.add_argument(
+        "--timeout",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="give up after this long (default 300)",
+    )
+    test.add_argument("-m", "--memory", type=int, default=1024, metavar="MiB")
+    test.add_argument(
+        "--in-place",
+        action="store_true",
+        help="let the guest write to IMAGE_FILE (default: a throwaway overlay)",
+    )
+    test.add_argument(
+        "--console-log", type=Path, metavar="FILE", help="keep the serial console log here"
+    )
+    test.add_argument(
+        "--report",
+        type=Path,
+        metavar="FILE",
+        help="write the result and every check's output (its last 200 lines) here, as JSON",
+    )
+    test.set_defaults(func=commands.cmd_test)
+
+
+def add_verify_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    verify = verbs.add_parser(
+        "verify",
+        help="scan a built image for build-time leftovers, without booting it",
+        description="The hygiene scan: report, one line per finding, build secrets, private "
+        "keys, apt credentials, build-only repositories, unsafe-io or eatmydata, "
+        "policy-rc.d, nobarrier mounts, SSH host keys, a machine-id, the build host's "
+        "resolv.conf or apt proxy, and a password-less or well-known root password. "
+        "Reads disk images (raw, qcow2) and rootfs tarballs without mounting them. "
+        "Exit code 1 when anything is found.",
+    )
+    verify.add_argument("image_file", type=Path, metavar="IMAGE_FILE")
+    verify.add_argument(
+        "--manifest",
+        type=Path,
+        metavar="FILE",
+        help="the build manifest with waivers and secret digests (default: beside the image)",
+    )
+    verify.set_defaults(func=commands.cmd_verify)
+
+
+def add_lint_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    lint = verbs.add_parser(
+        "lint",
+        help="check a config space: every image, every class script",
+        description="Resolve every image of the config space and check the class scripts "
+        "(a #! line, `set -e` in shell scripts, shell syntax). Builds nothing.",
+    )
+    add_config_space_arg(lint)
+    lint.set_defaults(func=commands.cmd_lint)
+
+
+def add_cache_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cache = verbs.add_parser(
+        "cache",
+        help="list and prune the caches",
+        description="List the caches (package-stage trees, initramfs images, .debs) with size and time since last use, or prune them.",
+    )
+    cache.add_argument("action", nargs="?", choices=("list", "prune"), default="list")
+    cache.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="default /var/cache/imagesmith or $IMAGESMITH_CACHE_DIR",
+    )
+    cache.add_argument(
+        "--max-age",
+        metavar="AGE",
+        help="prune: remove entries unused for longer than AGE (30d, 12h)",
+    )
+    cache.add_argument(
+        "--max-size",
+        metavar="SIZE",
+        help="prune: then remove the least recently used until the caches hold at most SIZE",
+    )
+    cache.add_argument(
+        "--all", action="store_true", help="prune: remove everything, .debs included"
+    )
+    cache.set_defaults(func=commands.cmd_cache)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagesmith",
+        description="Build Debian-family system images from a config space of classes.",
+    )
+    parser.add_argument("--version", action="version", version=f"imagesmith {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show every command and its output"
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    add_build_verb(verbs)
+    add_summary_verb(verbs)
+    add_boot_verb(verbs)
+    add_test_verb(verbs)
+    add_verify_verb(verbs)
+    add_lint_verb(verbs)
+    add_cache_verb(verbs)
+    return parser

@@ -1,0 +1,81 @@
+"""Filesystems made straight from a tree into the disk file, at their offsets.
+
+- The ESP (FAT32) by mkfs.vfat at its offset, filled by mtools.
+- An ext4 root by `mkfs.ext4 -E offset= -d TREE` (always with an explicit
+  size, or mke2fs would run to the end of the file and overwrite the backup
+  GPT).
+- A btrfs root by `mkfs.btrfs --rootdir` in a file of its own, then copied to
+  its offset, holes kept.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from imagesmith.config.layout import Partition
+from imagesmith.disk.sparse import copy_sparse
+from imagesmith.host.run import run
+
+INODE_SIZE = 256
+
+
+def tree_size(path: Path) -> int:
+    """Bytes the files of a tree occupy (allocated blocks, hard links once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in [*dirnames, *filenames]:
+            st = os.lstat(os.path.join(dirpath, name))
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512 + INODE_SIZE
+    return total
+
+
+def make_esp(disk: Path, esp: Partition, tree: Path) -> None:
+    run(
+        [
+            "mkfs.vfat", "-F", "32", "-s", "1", "-n", esp.label, "-i", esp.fs_uuid,
+            f"--offset={esp.start_sector}", os.fspath(disk), str(esp.size // 1024),
+        ],
+        what="mkfs.vfat (ESP)",
+    )  # fmt: skip
+    entries = sorted(tree.iterdir()) if tree.is_dir() else []
+    if entries:
+        run(
+            ["mcopy", "-s", "-p", "-m", "-i", f"{os.fspath(disk)}@@{esp.start}", *map(os.fspath, entries), "::/"],
+            env={"MTOOLS_SKIP_CHECK": "1"},
+            what="mcopy (ESP)",
+        )  # fmt: skip
+
+
+def make_ext4(disk: Path, part: Partition, tree: Path) -> None:
+    run(
+        [
+            # metadata_csum_seed: a new UUID on first boot changes only the
+            # superblock, not every checksum (see the class new-fs-uuid).
+            "mkfs.ext4", "-q", "-F", "-L", part.label, "-U", part.fs_uuid, "-O", "metadata_csum_seed",
+            "-E", f"offset={part.start},root_owner=0:0", "-d", os.fspath(tree),
+            os.fspath(disk), f"{part.size // 1024}k",
+        ],
+        what="mkfs.ext4 (root)",
+    )  # fmt: skip
+
+
+def make_btrfs(disk: Path, part: Partition, tree: Path, scratch: Path) -> None:
+    image = scratch / "root.btrfs"
+    with image.open("wb") as f:
+        f.truncate(part.size)
+    try:
+        run(
+            [
+                "mkfs.btrfs", "-q", "-f", "-L", part.label, "-U", part.fs_uuid,
+                "--rootdir", os.fspath(tree), os.fspath(image),
+            ],
+            what="mkfs.btrfs (root)",
+        )  # fmt: skip
+        copy_sparse(image, disk, offset=part.start)
+    finally:
+        image.unlink(missing_ok=True)

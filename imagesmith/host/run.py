@@ -1,0 +1,178 @@
+"""The one way imagesmith runs an external command.
+
+`run()` takes an argv list (never a shell string), logs it in a form you can
+paste into a shell, times it, keeps the tail of its output for the error
+message, and makes sure the child is gone before an exception leaves: on
+Ctrl-C the child gets SIGTERM, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from imagesmith import log
+from imagesmith.errors import BuildError, ConfigError
+
+TAIL_LINES = 25
+# Every child run() has started and not yet reaped, for stop_all_processes().
+_running: set[subprocess.Popen[bytes]] = set()
+_running_lock = threading.Lock()
+
+
+def format_command(argv: Sequence[str | os.PathLike[str]]) -> str:
+    return shlex.join(os.fspath(a) for a in argv)
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    input: bytes | None = None,
+    capture: bool = False,
+    interactive: bool = False,
+    check: bool = True,
+    what: str = "",
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a command; raise BuildError naming `what` (or the command) on failure.
+
+    With `capture`, stdout is returned and stderr is kept for errors. Without
+    it, stdout and stderr are merged, shown in verbose mode and their tail is
+    kept for errors. `interactive` hands the terminal to the command.
+    """
+    args = [os.fspath(a) for a in argv]
+    log.debug(f"$ {format_command(args)}")
+    full_env = None
+    if env is not None:
+        full_env = dict(os.environ)
+        full_env.update(env)
+    started = time.monotonic()
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    if interactive:
+        streams: dict[str, Any] = {"stdin": None, "stdout": None, "stderr": None}
+    else:
+        streams = {
+            "stdin": subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            "stdout": subprocess.PIPE,
+            "stderr": subprocess.PIPE if capture else subprocess.STDOUT,
+        }
+    proc = start(args, streams, env=full_env, cwd=cwd)
+    with _running_lock:
+        _running.add(proc)
+    try:
+        out, err = communicate(proc, input, tail, capture=capture, interactive=interactive)
+    except BaseException:
+        stop_process(proc)
+        raise
+    finally:
+        with _running_lock:
+            _running.discard(proc)
+    elapsed = time.monotonic() - started
+    log.debug(f"    ({elapsed:.1f}s, exit {proc.returncode})")
+    if check and proc.returncode != 0:
+        label = what or os.path.basename(args[0])
+        detail = "\n".join(f"  | {line}" for line in tail)
+        raise BuildError(
+            f"{label} failed with exit code {proc.returncode}\n"
+            f"  command: {format_command(args)}\n{detail}"
+        )
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def start(
+    args: list[str], streams: dict[str, Any], *, env: dict[str, str] | None, cwd: Path | None
+) -> subprocess.Popen[bytes]:
+    try:
+        return subprocess.Popen(args, **streams, env=env, cwd=cwd)
+    except FileNotFoundError as e:
+        raise ConfigError(
+            f"host tool {args[0]!r} not found",
+            hint="run `make setup` (or install the package that provides it)",
+        ) from e
+
+
+def communicate(
+    proc: subprocess.Popen[bytes],
+    input: bytes | None,
+    tail: collections.deque[str],
+    *,
+    capture: bool,
+    interactive: bool,
+) -> tuple[bytes, bytes]:
+    """Feed stdin and read the output until the child exits: (stdout, stderr)
+    when captured; else the merged output goes to `tail` and the debug log."""
+    if interactive:
+        proc.wait()
+        return b"", b""
+    if capture:
+        out, err = proc.communicate(input)
+        tail.extend(err.decode(errors="replace").splitlines())
+        return out, err
+    # stdin is written by another thread while this one reads: a child that
+    # fills its output pipe before reading all its input cannot deadlock us.
+    writer = threading.Thread(target=feed_stdin, args=(proc, input), daemon=True)
+    writer.start()
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.decode(errors="replace").rstrip("\n")
+        tail.append(line)
+        log.debug(f"    {line}")
+    proc.wait()
+    writer.join()
+    return b"", b""
+
+
+def feed_stdin(proc: subprocess.Popen[bytes], input: bytes | None) -> None:
+    if input is None or proc.stdin is None:
+        return
+    try:
+        proc.stdin.write(input)
+    except BrokenPipeError:
+        pass  # the child stopped reading; its exit code says how it went
+    finally:
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+
+
+def stop_process(proc: subprocess.Popen[bytes], *, grace: float = 5.0) -> None:
+    """Terminate a child and wait for it, escalating to SIGKILL."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def stop_all_processes() -> None:
+    """Stop every command run() is running, in any thread (on Ctrl-C)."""
+    with _running_lock:
+        running = list(_running)
+    for proc in running:
+        stop_process(proc)
+
+
+def require_tools(*tools: str) -> None:
+    """Fail early, before any slow work, when a host tool is missing."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        raise ConfigError(
+            f"missing host tool(s): {', '.join(missing)}",
+            hint="run `make setup`, which installs the host packages imagesmith needs",
+        )

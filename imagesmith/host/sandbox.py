@@ -1,0 +1,74 @@
+"""Run commands inside an image root without touching the host's mounts.
+
+`chroot_argv()` builds the argv that `run()` executes: `unshare` makes new
+mount and PID namespaces, and `enter.py` mounts what a chroot needs
+inside them. Mounts and processes die with the namespace, so Ctrl-C or a
+crash never leaves anything mounted or running. `private_mounts_argv()` does
+the same for tools that mount things themselves (mmdebstrap).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from imagesmith.host.run import run
+
+BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LC_ALL": "C.UTF-8",
+    "DEBIAN_FRONTEND": "noninteractive",
+    "HOME": "/root",
+}
+
+
+def private_mounts_argv(argv: Sequence[str | os.PathLike[str]]) -> list[str]:
+    return ["unshare", "--mount", "--propagation", "private", *(os.fspath(a) for a in argv)]
+
+
+def chroot_argv(
+    root: Path,
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    binds: Sequence[tuple[Path, str]] = (),
+    ro_binds: Sequence[tuple[Path, str]] = (),
+) -> list[str]:
+    args = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private"]
+    args += [sys.executable, "-m", "imagesmith.host.enter", os.fspath(root)]
+    for source, target in binds:
+        args += ["--bind", f"{os.fspath(source)}:{target}"]
+    for source, target in ro_binds:
+        args += ["--ro-bind", f"{os.fspath(source)}:{target}"]
+    return [*args, "--", *(os.fspath(a) for a in argv)]
+
+
+def run_in_root(
+    root: Path,
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    binds: Sequence[tuple[Path, str]] = (),
+    ro_binds: Sequence[tuple[Path, str]] = (),
+    input: bytes | None = None,
+    capture: bool = False,
+    what: str = "",
+) -> bytes:
+    """Run `argv` chrooted into `root`; returns stdout when `capture`."""
+    full_env = {**BASE_ENV, **(env or {})}
+    # `env -i` so nothing from the build host's environment leaks in.
+    command = [
+        "env",
+        "-i",
+        *(f"{k}={v}" for k, v in full_env.items()),
+        *(os.fspath(a) for a in argv),
+    ]
+    result = run(
+        chroot_argv(root, command, binds=binds, ro_binds=ro_binds),
+        input=input,
+        capture=capture,
+        what=what or f"{os.fspath(argv[0])} in the image",
+        env={"PYTHONPATH": str(Path(__file__).parent.parent.parent)},
+    )
+    return result.stdout

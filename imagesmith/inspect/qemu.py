@@ -1,0 +1,255 @@
+"""Boot images in QEMU: firmware, accelerator, the QEMU command line, the
+VM's scratch files, and `imagesmith boot`. `imagesmith test` is vmtest.py.
+
+Firmware: UEFI is OVMF in pflash; BIOS is QEMU's own SeaBIOS (no pflash).
+The default is what the manifest beside the image (IMAGE.manifest.json)
+records, the first of its firmware for a hybrid image, else UEFI. A
+`.raw.zst` image is decompressed into the scratch directory first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagesmith import log
+from imagesmith.config.settings import FIRMWARES
+from imagesmith.errors import ConfigError
+from imagesmith.formats import manifest_for
+from imagesmith.host.run import format_command, require_tools, run
+
+FIRMWARE_PAIRS = (
+    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+    ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
+)
+# QEMU's words when KVM cannot run this guest here: it pauses the guest on an
+# internal error, or aborts at start (an MSR the host refuses).
+KVM_FAILURE = re.compile(
+    r"KVM internal error|emulation failure|failed to initialize kvm|failed to set MSR|kvm\.c:\d+",
+    re.I,
+)
+# Multi-threaded TCG can lose a race with the guest kernel patching its own
+# code (int3-based text_poke): the guest oopses on a stale breakpoint. It is
+# QEMU's, not the image's; one vCPU cannot race, so the test boots again so.
+TCG_CODE_PATCH_RACE = "Oops: int3"
+VCPUS = 2
+KVM_START_GRACE = 10.0
+# A second guard for BIOS boots under KVM: SeaBIOS gets to this line in a
+# second or two; without it by then, KVM cannot run it and we use TCG.
+SEABIOS_BOOTING = "Booting from Hard Disk"
+SEABIOS_KVM_GRACE = 10.0
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when imagesmith dies, however it
+    dies, so no QEMU outlives the test that started it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def find_firmware() -> tuple[Path, Path]:
+    for code, variables in FIRMWARE_PAIRS:
+        if os.path.exists(code) and os.path.exists(variables):
+            return Path(code), Path(variables)
+    raise ConfigError(
+        "no UEFI firmware (OVMF) found",
+        hint="run `make setup`, which installs the ovmf package",
+    )
+
+
+# Hardware KVM runs a BIOS's real-mode code; software KVM implementations
+# (kvm_pvm, found on some cloud VMs) hang in SeaBIOS or in GRUB's boot.img
+# without a word.
+HARDWARE_KVM_MODULES = ("kvm_intel", "kvm_amd")
+SYS_MODULE = Path("/sys/module")
+
+
+def pick_accel(firmware: str = "uefi") -> str:
+    """KVM when it is usable and not disabled; else TCG software emulation.
+
+    IMAGESMITH_ACCEL=tcg|kvm forces a choice. Some hosts expose /dev/kvm but
+    cannot run OVMF under it; `test_image` falls back to TCG when KVM dies.
+    A BIOS boot uses KVM only where it is hardware KVM.
+    """
+    forced = os.environ.get("IMAGESMITH_ACCEL", "")
+    if forced:
+        return forced
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg"
+    if firmware == "bios" and not any((SYS_MODULE / m).exists() for m in HARDWARE_KVM_MODULES):
+        return "tcg"
+    return "kvm"
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def disk_format(image: Path) -> str:
+    with image.open("rb") as f:
+        magic = f.read(4)
+    return {b"QFI\xfb": "qcow2", ZSTD_MAGIC: "zstd"}.get(magic, "raw")
+
+
+def built_firmware(image: Path) -> tuple[str, ...]:
+    """The firmware the image was built for, from its manifest; () when unknown."""
+    try:
+        manifest = json.loads(manifest_for(image).read_text())
+    except (OSError, ValueError):
+        return ()
+    firmware = manifest.get("firmware", [])
+    return tuple(f for f in firmware if f in FIRMWARES) if isinstance(firmware, list) else ()
+
+
+def pick_firmware(image: Path, requested: str | None) -> str:
+    """--firmware if given (and the image was built for it), else the manifest's first."""
+    built = built_firmware(image)
+    if requested is None:
+        return built[0] if built else "uefi"
+    if requested not in FIRMWARES:
+        raise ConfigError(f"--firmware {requested!r}: expected one of {', '.join(FIRMWARES)}")
+    if built and requested not in built:
+        raise ConfigError(
+            f"{image} was built for {' and '.join(built)} only "
+            f"({manifest_for(image).name}); it cannot boot under {requested}",
+            hint=f"use --firmware {built[0]}, or add the `{requested}` class to the image",
+        )
+    return requested
+
+
+def qemu_argv(
+    *,
+    disk: Path,
+    disk_fmt: str,
+    firmware_code: Path | None,
+    firmware_vars: Path | None,
+    accel: str,
+    memory: int,
+    serial: list[str],
+    vcpus: int = VCPUS,
+    smbios: list[str] = [],  # noqa: B006 - never mutated
+    forwards: dict[int, int] | None = None,  # host port on 127.0.0.1 -> guest TCP port
+    firmware_log: Path | None = None,
+) -> list[str]:
+    """Without firmware_code, QEMU boots its default PC BIOS (SeaBIOS).
+
+    `firmware_log` captures SeaBIOS's debug port (0x402), our signal that
+    the BIOS got as far as booting the disk.
+    """
+    nic = "user,model=virtio-net-pci" + "".join(
+        f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in (forwards or {}).items()
+    )
+    argv = [
+        "qemu-system-x86_64",
+        "-machine", f"q35,accel={accel}",
+        "-cpu", "host" if accel == "kvm" else "max",
+        "-smp", str(vcpus), "-m", str(memory),
+    ]  # fmt: skip
+    if firmware_code is not None and firmware_vars is not None:
+        argv += [
+            "-drive", f"if=pflash,format=raw,unit=0,file={firmware_code},readonly=on",
+            "-drive", f"if=pflash,format=raw,unit=1,file={firmware_vars}",
+        ]  # fmt: skip
+    argv += [
+        "-drive", f"file={disk},format={disk_fmt},if=virtio",
+        "-nic", nic,
+        "-display", "none", "-vga", "none",
+    ]  # fmt: skip
+    if firmware_log is not None:
+        argv += [
+            "-chardev", f"file,id=firmware-log,path={firmware_log}",
+            "-device", "isa-debugcon,iobase=0x402,chardev=firmware-log",
+        ]  # fmt: skip
+    for chardev in serial:
+        argv += ["-serial", chardev]
+    for value in smbios:
+        argv += ["-smbios", f"type=11,value={value}"]
+    return argv
+
+
+@dataclass
+class VmFiles:
+    scratch: Path
+    disk: Path
+    disk_fmt: str
+    firmware_code: Path | None  # None: SeaBIOS
+    firmware_vars: Path | None
+
+
+@contextlib.contextmanager
+def vm_scratch(image: Path, *, in_place: bool, firmware: str) -> Iterator[VmFiles]:
+    """A scratch dir with a copy of the firmware variables and the disk to boot."""
+    if not image.is_file():
+        raise ConfigError(f"{image}: no such image file")
+    code, variables = find_firmware() if firmware == "uefi" else (None, None)
+    fmt = disk_format(image)
+    if fmt == "zstd" and in_place:
+        raise ConfigError(
+            f"{image}: a compressed image cannot be booted in place",
+            hint="decompress it with `zstd -d` first, or drop --in-place",
+        )
+    with tempfile.TemporaryDirectory(prefix="imagesmith-vm-") as tmp:
+        scratch = Path(tmp)
+        vars_copy = None
+        if variables is not None:
+            vars_copy = scratch / "vars.fd"
+            shutil.copyfile(variables, vars_copy)
+        disk = image.resolve()
+        if fmt == "zstd":
+            require_tools("zstd")
+            run(
+                ["zstd", "-q", "-d", "--sparse", "-o", os.fspath(scratch / "disk.raw"), os.fspath(disk)],
+                what="zstd -d (the compressed image)",
+            )  # fmt: skip
+            disk, fmt = scratch / "disk.raw", "raw"
+        if not in_place:
+            overlay = scratch / "overlay.qcow2"
+            run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", os.fspath(disk), os.fspath(overlay)],
+                what="qemu-img create (overlay)",
+            )  # fmt: skip
+            disk, fmt = overlay, "qcow2"
+        yield VmFiles(scratch, disk, fmt, code, vars_copy)
+
+
+def boot_interactive(
+    image: Path,
+    *,
+    memory: int,
+    snapshot: bool,
+    ssh_port: int | None = None,
+    firmware: str | None = None,
+) -> int:
+    require_tools("qemu-system-x86_64", "qemu-img")
+    firmware = pick_firmware(image, firmware)
+    accel = pick_accel(firmware)
+    while True:
+        with vm_scratch(image, in_place=not snapshot, firmware=firmware) as vm:
+            argv = qemu_argv(
+                disk=vm.disk, disk_fmt=vm.disk_fmt, firmware_code=vm.firmware_code,
+                firmware_vars=vm.firmware_vars, accel=accel, memory=memory,
+                serial=["mon:stdio"], forwards={ssh_port: 22} if ssh_port else None,
+            )  # fmt: skip
+            log.info(f"booting {image} under {firmware}, {accel} (Ctrl-A X quits QEMU)")
+            log.debug(format_command(argv))
+            started = time.monotonic()
+            code = run(argv, interactive=True, check=False).returncode
+        # QEMU that dies at once under KVM could not use it (QEMU said why above).
+        if accel == "kvm" and code != 0 and time.monotonic() - started < KVM_START_GRACE:
+            log.warn("QEMU failed at once under KVM; booting again with TCG")
+            accel = "tcg"
+            continue
+        return code

@@ -1,0 +1,187 @@
+"""Stage: boot setup for UEFI and/or a PC BIOS, with the image's own GRUB.
+
+Needs: `ctx.tree` customised, `ctx.layout`. Disk images only: a container
+image has no kernel and no bootloader, and this stage returns at once.
+Produces:
+
+- /etc/fstab naming every partition by PARTUUID;
+- /boot/grub/grub.cfg with the kernel command line (root=PARTUUID=...,
+  the first-boot words of tree/firstboot.py, `console=` for the serial console)
+  and GRUB on serial and screen, one file for both firmwares;
+- for UEFI: GRUB's modules in /boot/grub/x86_64-efi and
+  `ctx.esp_tree`/EFI/BOOT/BOOTX64.EFI, made by grub-mkimage from the image's
+  own GRUB, at the removable-media path so no NVRAM entry is needed;
+- for a BIOS: GRUB's modules in /boot/grub/i386-pc and `ctx.bios_dir`
+  holding boot.img and core.img (grub-mkimage -O i386-pc), which the
+  assemble stage writes into the MBR and the BIOS boot partition (see
+  disk/biosboot.py);
+- the initramfs, built once, now that every package and hook is in place,
+  or taken from the cache when nothing it holds changed (tree/initramfs.py).
+
+Both GRUB images get the prefix `(,gptN)/boot/grub`, N the root partition:
+it names the root partition on whatever disk the firmware booted from. No
+UUID search (filesystem UUIDs may change on first boot), no disk order
+assumption. /boot is a directory of the root filesystem, ext4 or btrfs.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+from imagesmith.config.layout import DiskLayout
+from imagesmith.context import BuildContext
+from imagesmith.errors import BuildError
+from imagesmith.host.sandbox import run_in_root
+from imagesmith.tree.firstboot import first_boot_cmdline
+from imagesmith.tree.initramfs import build_initramfs
+
+GRUB_EFI_MODULES = (
+    "part_gpt", "part_msdos", "fat", "ext2", "btrfs", "normal", "linux", "configfile",
+    "search", "search_fs_uuid", "search_label", "serial", "terminal",
+    "echo", "test", "ls", "cat", "gzio", "zstd", "all_video", "efi_gop", "reboot", "halt",
+)  # fmt: skip
+GRUB_EFI_DIR = "usr/lib/grub/x86_64-efi"
+# core.img loads below 0x78000, so it holds what is needed to reach the root
+# filesystem and read grub.cfg; the rest loads from /boot/grub/i386-pc.
+GRUB_BIOS_MODULES = (
+    "biosdisk", "part_gpt", "part_msdos", "ext2", "btrfs", "normal", "linux", "configfile",
+    "serial", "terminal", "echo", "test", "gzio", "zstd",
+)  # fmt: skip
+GRUB_BIOS_DIR = "usr/lib/grub/i386-pc"
+
+
+def find_kernel_version(ctx: BuildContext) -> str:
+    versions = sorted(
+        (p.name.removeprefix("vmlinuz-") for p in (ctx.tree / "boot").glob("vmlinuz-*")),
+        key=lambda v: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", v)],
+    )
+    if not versions:
+        raise BuildError(
+            "no kernel in /boot of the image",
+            hint="a disk image needs a kernel: keep the built-in `base` class in the class list",
+        )
+    return versions[-1]
+
+
+def fstab_text(layout: DiskLayout) -> str:
+    root, esp = layout.root, layout.partition("esp")
+    root_options, root_pass = (
+        ("defaults", 0) if root.filesystem == "btrfs" else ("defaults,errors=remount-ro", 1)
+    )
+    text = (
+        "# <file system>  <mount point>  <type>  <options>  <dump>  <pass>\n"
+        "# Written by imagesmith. Partitions are named by PARTUUID.\n"
+        f"PARTUUID={root.uuid}  /  {root.filesystem}  {root_options}  0  {root_pass}\n"
+    )
+    if esp is not None:
+        text += f"PARTUUID={esp.uuid}  /boot/efi  vfat  umask=0077  0  0\n"
+    return text
+
+
+def grub_prefix(layout: DiskLayout) -> str:
+    """The root partition's /boot/grub on the disk GRUB was loaded from."""
+    return f"(,gpt{layout.root.number})/boot/grub"
+
+
+DEFAULT_SERIAL_SPEED = 115200
+
+
+def serial_port(serial_console: str) -> tuple[int, int]:
+    """'ttyS1,57600' -> (1, 57600); the speed defaults to 115200."""
+    port, _, speed = serial_console.partition(",")
+    return int(port.removeprefix("ttyS")), int(speed or DEFAULT_SERIAL_SPEED)
+
+
+def kernel_cmdline(ctx: BuildContext) -> str:
+    s = ctx.image.settings
+    words = [f"root=PARTUUID={ctx.layout.root.uuid}", "ro", *first_boot_cmdline(s, ctx.layout)]
+    if s.serial_console:
+        unit, speed = serial_port(s.serial_console)
+        # The last console= is /dev/console: systemd's status goes to serial.
+        words += ["console=tty0", f"console=ttyS{unit},{speed}"]
+    return " ".join([*words, *s.kernel_cmdline])
+
+
+def grub_cfg_text(ctx: BuildContext) -> str:
+    s = ctx.image.settings
+    lines = ["# Written by imagesmith.", "set timeout=1", "set default=0"]
+    if s.serial_console:
+        unit, speed = serial_port(s.serial_console)
+        lines += [
+            f"serial --unit={unit} --speed={speed}",
+            "terminal_input serial console",
+            "terminal_output serial console",
+        ]
+    fs_module = "btrfs" if ctx.layout.root.filesystem == "btrfs" else "ext2"
+    version = ctx.kernel_version
+    lines += [
+        "insmod part_gpt",
+        f"insmod {fs_module}",
+        f"menuentry '{ctx.image.name} (Debian {s.suite}, {version})' {{",
+        f"    linux /boot/vmlinuz-{version} {kernel_cmdline(ctx)}",
+        f"    initrd /boot/initrd.img-{version}",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def copy_grub_modules(ctx: BuildContext, platform: str, *, package: str, klass: str) -> None:
+    """/usr/lib/grub/PLATFORM -> /boot/grub/PLATFORM, as grub-install would."""
+    modules = ctx.tree / "usr/lib/grub" / platform
+    if not modules.is_dir():
+        raise BuildError(
+            f"the image has no /usr/lib/grub/{platform}",
+            hint=f"the built-in `{klass}` class installs {package}; add it to the class list",
+        )
+    target = ctx.tree / "boot/grub" / platform
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(modules, target, ignore=shutil.ignore_patterns("*.module", "*.image"))
+
+
+def install_grub_efi(ctx: BuildContext) -> None:
+    copy_grub_modules(ctx, "x86_64-efi", package="grub-efi-amd64-bin", klass="uefi")
+    boot_dir = ctx.esp_tree / "EFI/BOOT"
+    boot_dir.mkdir(parents=True, exist_ok=True)
+    run_in_root(
+        ctx.tree,
+        [
+            "grub-mkimage", "--format=x86_64-efi", "--output=/run/imagesmith/esp/BOOTX64.EFI",
+            f"--prefix={grub_prefix(ctx.layout)}", *GRUB_EFI_MODULES,
+        ],
+        binds=[(boot_dir, "/run/imagesmith/esp")],
+        what="grub-mkimage",
+    )  # fmt: skip
+
+
+def install_grub_bios(ctx: BuildContext) -> None:
+    """boot.img and core.img into `ctx.bios_dir`, for the assemble stage to place."""
+    copy_grub_modules(ctx, "i386-pc", package="grub-pc-bin", klass="bios")
+    ctx.bios_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ctx.tree / GRUB_BIOS_DIR / "boot.img", ctx.bios_dir / "boot.img")
+    run_in_root(
+        ctx.tree,
+        [
+            "grub-mkimage", "--format=i386-pc", "--output=/run/imagesmith/bios/core.img",
+            f"--prefix={grub_prefix(ctx.layout)}", *GRUB_BIOS_MODULES,
+        ],
+        binds=[(ctx.bios_dir, "/run/imagesmith/bios")],
+        what="grub-mkimage (i386-pc)",
+    )  # fmt: skip
+
+
+def configure_boot(ctx: BuildContext) -> None:
+    if ctx.image.target != "disk":
+        return
+    firmware = ctx.image.settings.boot_firmware
+    ctx.kernel_version = find_kernel_version(ctx)
+    (ctx.tree / "etc/fstab").write_text(fstab_text(ctx.layout))
+    grub_dir = ctx.tree / "boot/grub"
+    grub_dir.mkdir(parents=True, exist_ok=True)
+    (grub_dir / "grub.cfg").write_text(grub_cfg_text(ctx))
+    if "uefi" in firmware:
+        (ctx.tree / "boot/efi").mkdir(parents=True, exist_ok=True)
+        install_grub_efi(ctx)
+    if "bios" in firmware:
+        install_grub_bios(ctx)
+    ctx.initramfs_cache = build_initramfs(ctx.tree, ctx.kernel_version, ctx.cache_dir)

@@ -1,0 +1,115 @@
+"""Stage: finalise the tree: strip build-time state, then prove it is gone.
+
+Needs: the tree after boot setup.
+Produces: a tree with none of the build's own state left in it (the host's
+resolv.conf, policy-rc.d, apt lists and caches, logs, the machine-id, SSH
+host keys), and `ctx.packages`, every installed package with its version,
+for the manifest. Then the hygiene scan (inspect/verify.py) runs on the tree and the
+build fails on any finding no class waived. The build's no-op update-initramfs goes too where boot
+setup did not already put the real one back (a container image).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from imagesmith import log
+from imagesmith.context import BuildContext
+from imagesmith.errors import BuildError
+from imagesmith.host.run import run
+from imagesmith.inspect.verify import ScanContext, scan_tree
+from imagesmith.tree.aptsources import write_image_sources
+from imagesmith.tree.initramfs import remove_initramfs_diversion
+
+# Paths (relative to the tree) whose contents never ship.
+EMPTIED_DIRS = ("var/lib/apt/lists", "var/cache/apt", "var/log/apt", "tmp", "var/tmp")
+REMOVED_FILES = (
+    "usr/sbin/policy-rc.d",
+    "var/lib/dbus/machine-id",
+    "var/log/dpkg.log",
+    "var/log/alternatives.log",
+    "var/cache/debconf/config.dat-old",
+    "var/cache/debconf/templates.dat-old",
+    "var/lib/dpkg/status-old",
+    "etc/apt/apt.conf.d/99mmdebstrap",  # mmdebstrap's --aptopt file: build-only
+)
+HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+
+
+def list_packages(ctx: BuildContext) -> list[dict[str, str]]:
+    out = run(
+        [
+            "dpkg-query", f"--admindir={ctx.tree / 'var/lib/dpkg'}", "--show",
+            "--showformat=${Package}\\t${Version}\\t${Architecture}\\t${db:Status-Abbrev}\\n",
+        ],
+        capture=True,
+        what="listing installed packages",
+    ).stdout.decode()  # fmt: skip
+    packages = []
+    for line in out.splitlines():
+        name, version, arch, status = line.split("\t")
+        if status.startswith("ii"):
+            packages.append({"name": name, "version": version, "architecture": arch})
+    return packages
+
+
+def strip_build_state(ctx: BuildContext) -> None:
+    tree = ctx.tree
+    for rel in EMPTIED_DIRS:
+        path = tree / rel
+        if path.is_dir():
+            for entry in path.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+    for rel in REMOVED_FILES:
+        (tree / rel).unlink(missing_ok=True)
+    # Generated on first boot, so every machine gets its own.
+    (tree / "etc/machine-id").write_text("")
+    ssh = tree / "etc/ssh"
+    # sshd-keygen.service makes new ones before sshd starts. With
+    # new_ssh_host_keys = false a class ships its own (and waives the finding).
+    if ssh.is_dir() and ctx.image.settings.new_ssh_host_keys:
+        for key in ssh.glob("ssh_host_*_key*"):
+            key.unlink()
+    # mmdebstrap copied in the build host's resolver config; it must not ship.
+    resolv = tree / "etc/resolv.conf"
+    if resolv.is_file() and not resolv.is_symlink():
+        resolv.write_text("")
+
+
+def scan_context(ctx: BuildContext) -> ScanContext:
+    try:
+        host_resolv = HOST_RESOLV_CONF.read_bytes()
+    except OSError:
+        host_resolv = b""
+    return ScanContext(
+        secrets=tuple(ctx.secrets),
+        build_repositories=tuple(ctx.build_repositories),
+        host_resolv_conf=host_resolv,
+        waived={finding: reason for finding, (reason, _) in ctx.image.waivers.items()},
+    )
+
+
+def check_hygiene(ctx: BuildContext) -> None:
+    findings, waived = scan_tree(ctx.tree, scan_context(ctx))
+    for finding in waived:
+        reason, cls = ctx.image.waivers[finding.code]
+        log.info(f"    waived by class {cls}: {finding.line()} ({reason})")
+    if findings:
+        lines = "\n".join(f"  {f.line()}" for f in findings)
+        raise BuildError(
+            f"the hygiene scan found {len(findings)} problem(s) in the image:\n{lines}",
+            hint="fix the class that leaves it, or waive the finding in its class.toml "
+            'with [[waivers]] finding = "..." reason = "..."',
+        )
+
+
+def finalize_tree(ctx: BuildContext) -> None:
+    remove_initramfs_diversion(ctx.tree)
+    ctx.packages = list_packages(ctx)
+    write_image_sources(ctx.tree, ctx.image, ctx.mirror)
+    strip_build_state(ctx)
+    check_hygiene(ctx)

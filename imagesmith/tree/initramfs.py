@@ -1,0 +1,60 @@
+"""The initramfs of an image: built once, at the end of boot setup.
+
+While packages install, update-initramfs is diverted to a no-op stub
+(`DIVERT_INITRAMFS`, run by the bootstrap stage), so the kernel, the
+firmware and every hook package do not each rebuild it. Boot setup puts the
+real one back and builds the initramfs once, or takes it from the initramfs
+cache (cache/initramfs.py) when nothing it holds changed. A container image
+never gets that far: finalise removes the stub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imagesmith import log
+from imagesmith.cache import initramfs as initramfs_cache
+from imagesmith.cache.entries import CacheUse
+from imagesmith.host.sandbox import run_in_root
+
+UPDATE_INITRAMFS = "usr/sbin/update-initramfs"
+# What the stub says, to tell it from the real update-initramfs.
+BUILD_STUB_MARK = b"diverted by imagesmith"
+# An mmdebstrap hook: "$1" is the tree.
+DIVERT_INITRAMFS = (
+    f'chroot "$1" dpkg-divert --quiet --local --rename --add /{UPDATE_INITRAMFS}'
+    f' && printf "#!/bin/sh\\n# {BUILD_STUB_MARK.decode()} during the build\\nexit 0\\n"'
+    f' > "$1/{UPDATE_INITRAMFS}" && chmod 755 "$1/{UPDATE_INITRAMFS}"'
+)
+
+
+def remove_initramfs_diversion(tree: Path) -> None:
+    """Take out the build's update-initramfs stub and its diversion, if still there."""
+    stub = tree / UPDATE_INITRAMFS
+    if stub.is_symlink() or not stub.is_file() or BUILD_STUB_MARK not in stub.read_bytes():
+        return
+    stub.unlink()
+    run_in_root(
+        tree,
+        ["dpkg-divert", "--quiet", "--local", "--rename", "--remove", f"/{UPDATE_INITRAMFS}"],
+        what="restoring update-initramfs",
+    )
+
+
+def build_initramfs(tree: Path, kernel_version: str, cache_dir: Path) -> CacheUse | None:
+    """The real update-initramfs back, then the initramfs built or reused.
+    Returns the initramfs cache entry used, None with the cache disabled."""
+    remove_initramfs_diversion(tree)
+    target = tree / f"boot/initrd.img-{kernel_version}"
+    if initramfs_cache.initramfs_disabled():
+        key = ""
+    else:
+        key = initramfs_cache.initramfs_key(tree, kernel_version)
+        if initramfs_cache.reuse_initramfs(cache_dir, key, tree, target):
+            log.info(f"    initramfs cache hit {key}: update-initramfs skipped")
+            return CacheUse(key, hit=True)
+    run_in_root(tree, ["update-initramfs", "-c", "-k", kernel_version], what="update-initramfs")
+    if not key:
+        return None
+    initramfs_cache.save_initramfs(cache_dir, key, tree, target)
+    return CacheUse(key, hit=False)
