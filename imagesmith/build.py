@@ -37,7 +37,7 @@ from imagesmith.config.layout import DiskLayout, UuidSource, plan_disk_layout
 from imagesmith.config.space import ResolvedImage
 from imagesmith.context import BuildContext
 from imagesmith.errors import ConfigError, ImagesmithError
-from imagesmith.formats import output_path, temp_path
+from imagesmith.formats import output_path
 from imagesmith.host.aptsources import archive_mirror
 from imagesmith.host.run import require_tools, stop_all_processes
 from imagesmith.stages.assemble_container import assemble_container
@@ -152,9 +152,7 @@ def build_image(
             if image.target == "disk" and "raw" in s.outputs:
                 # The disk is assembled straight into the raw output's temp
                 # file, which is renamed into place with the others: no copy.
-                ctx.disk_file = staged["raw"] = temp_path(
-                    output_path(output_dir, image.name, "raw")
-                )
+                ctx.disk_file = staged.add(output_dir, image.name, "raw")
             for name, stage, targets in STAGES:
                 if image.target not in targets:
                     continue
@@ -170,8 +168,7 @@ def build_image(
             cleanup.callback(remover.join)
             with log.stage("outputs", ctx.timings):
                 write_outputs(ctx, staged)
-                manifest = temp_path(output_path(output_dir, image.name, "manifest"))
-                staged["manifest"] = manifest
+                manifest = staged.add(output_dir, image.name, "manifest")
                 write_manifest(ctx, manifest, dict(ctx.outputs))
         # The manifest's own timings cannot include the outputs stage it is
         # written in; the log line above has it.

@@ -138,13 +138,13 @@ def test_reuse_needs_a_matching_entry(tmp_path: Path) -> None:
     tree, cache = tmp_path / "tree", tmp_path / "cache"
     make_tree(tree)
     (tree / "boot").mkdir()
-    built = tmp_path / "built.img"
+    built = tree / "boot/built.img"
     built.write_bytes(gzip.compress(newc({"usr/bin/busybox": b"busybox binary"})))
     target = tree / f"boot/initrd.img-{KVER}"
-    assert not initramfs.reuse_initramfs(cache, "k", tree, target)
-    initramfs.save_initramfs(cache, "k", tree, built)
-    assert initramfs.reuse_initramfs(cache, "k", tree, target)
+    assert not initramfs.reuse_initramfs(cache, "k", tree, f"boot/initrd.img-{KVER}")
+    initramfs.save_initramfs(cache, "k", tree, "boot/built.img")
+    assert initramfs.reuse_initramfs(cache, "k", tree, f"boot/initrd.img-{KVER}")
     assert target.read_bytes() == built.read_bytes()
     assert oct(target.stat().st_mode & 0o777) == "0o644"
     (tree / "usr/bin/busybox").write_bytes(b"other")
-    assert not initramfs.reuse_initramfs(cache, "k", tree, target)
+    assert not initramfs.reuse_initramfs(cache, "k", tree, f"boot/initrd.img-{KVER}")

@@ -7,6 +7,7 @@ code the build uses, then scanned by the real CLI.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import tarfile
@@ -141,18 +142,26 @@ def test_host_resolv_conf_is_found(tmp_path: Path) -> None:
 
 
 def test_build_secret_is_found_by_digest_from_the_manifest(tmp_path: Path) -> None:
-    from imagesmith.inspect.verify import secret_digest
+    from imagesmith.build import default_cache_dir
+    from imagesmith.cache.keys import hygiene_key
+    from imagesmith.inspect.verify import key_id, secret_digest
 
     tree = clean_tree(tmp_path / "root")
     secret = b"-----BEGIN CERTIFICATE-----\nMIIBclientcert\n-----END CERTIFICATE-----\n"
     put("usr/local/share/leaked.crt", secret.decode())(tree)
     image = tarball(tree, tmp_path / "img.tar")
     assert verify(image).returncode == 0  # an ordinary certificate, as far as anyone knows
-    manifest = {"hygiene": {"secret_sha256": [secret_digest(secret)], "waivers": []}}
-    (tmp_path / "img.manifest.json").write_text(json.dumps(manifest))
+    key = hygiene_key(default_cache_dir())
+    hygiene = {"secret_key_id": key_id(key), "secret_hmac_sha256": [secret_digest(secret, key)]}
+    (tmp_path / "img.manifest.json").write_text(json.dumps({"hygiene": {**hygiene, "waivers": []}}))
     result = verify(image)
     assert result.returncode == 1
     assert "build-secret: /usr/local/share/leaked.crt" in result.stdout
+    # Without the build host's key the digests are useless: nobody can test guesses.
+    other = {"secret_key_id": key_id(b"x"), "secret_hmac_sha256": [secret_digest(secret, b"x")]}
+    (tmp_path / "img.manifest.json").write_text(json.dumps({"hygiene": {**other, "waivers": []}}))
+    assert verify(image).returncode == 0
+    assert secret_digest(secret, key) != hashlib.sha256(secret.strip()).hexdigest()
 
 
 def test_manifest_waiver_is_honoured_and_shown(tmp_path: Path) -> None:

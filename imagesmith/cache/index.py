@@ -16,10 +16,13 @@ import urllib.request
 from base64 import b64encode
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from http.client import HTTPMessage
 from pathlib import Path
+from typing import IO
 
 from imagesmith.config.space import ResolvedImage
 from imagesmith.errors import BuildError
+from imagesmith.host.aptsources import apt_auth_for
 
 INDEX_TIMEOUT = 15.0
 
@@ -47,19 +50,20 @@ class IndexSource:
         return f"{where}/InRelease", f"{where}/Release"
 
     def request(self, url: str) -> urllib.request.Request:
+        """A GET of `url` with the credentials apt would send for it."""
         request = urllib.request.Request(url)
         if self.auth and Path(self.auth).is_file():
-            host = urllib.parse.urlsplit(url).hostname or ""
-            for line in Path(self.auth).read_text().splitlines():
-                words = line.split()
-                fields = dict(zip(words[::2], words[1::2], strict=False))
-                if fields.get("machine", "").split("/")[0] in (host, ""):
-                    token = f"{fields.get('login', '')}:{fields.get('password', '')}"
-                    request.add_header(
-                        "Authorization", f"Basic {b64encode(token.encode()).decode()}"
-                    )
-                    break
+            credentials = apt_auth_for(Path(self.auth).read_text(), url)
+            if credentials is not None:
+                token = b64encode(":".join(credentials).encode()).decode()
+                # Unredirected: urllib must not copy it to wherever a server redirects.
+                request.add_unredirected_header("Authorization", f"Basic {token}")
         return request
+
+    def redirected(self, request: urllib.request.Request, url: str) -> urllib.request.Request:
+        """The request to follow a redirect with: credentials only where apt
+        would send them for the new URL."""
+        return self.request(url)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if not (self.client_cert or self.ca_cert):
@@ -68,6 +72,23 @@ class IndexSource:
         if self.client_cert:
             context.load_cert_chain(self.client_cert, self.client_key or None)
         return context
+
+
+class AptRedirects(urllib.request.HTTPRedirectHandler):
+    def __init__(self, source: IndexSource) -> None:
+        self.source = source
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        followed = super().redirect_request(req, fp, code, msg, headers, newurl)
+        return None if followed is None else self.source.redirected(req, newurl)
 
 
 def index_sources(
@@ -92,8 +113,11 @@ def fetch_index(source: IndexSource, *, timeout: float = INDEX_TIMEOUT) -> str:
     errors = []
     for url in source.urls:
         try:
-            context = source.ssl_context()
-            with urllib.request.urlopen(source.request(url), timeout=timeout, context=context) as r:
+            opener = urllib.request.build_opener(
+                urllib.request.HTTPSHandler(context=source.ssl_context()),
+                AptRedirects(source),
+            )
+            with opener.open(source.request(url), timeout=timeout) as r:
                 return hashlib.sha256(r.read()).hexdigest()
         except (urllib.error.URLError, OSError, ValueError, ssl.SSLError) as e:
             errors.append(f"{url}: {getattr(e, 'reason', e)}")

@@ -31,13 +31,13 @@ import hashlib
 import json
 import lzma
 import os
-import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from imagesmith.cache import entries
-from imagesmith.host.paths import resolve_in_root
+from imagesmith.errors import BuildError
+from imagesmith.host.paths import copy_into_root, read_in_root, resolve_in_root
 from imagesmith.host.run import run
 
 CACHE_VERSION = "1"
@@ -173,8 +173,8 @@ def tracked_files(tree: Path, image: Path) -> dict[str, str]:
 
 def still_matches(tree: Path, tracked: dict[str, str]) -> bool:
     for rel, digest in tracked.items():
-        path = tree / rel
-        if not path.is_file() or sha256_bytes(path.read_bytes()) != digest:
+        data = read_in_root(tree, rel)
+        if data is None or sha256_bytes(data) != digest:
             return False
     return True
 
@@ -183,8 +183,9 @@ def entry_dir(cache_dir: Path, key: str) -> Path:
     return cache_dir / INITRAMFS_DIR / key
 
 
-def reuse_initramfs(cache_dir: Path, key: str, tree: Path, target: Path) -> bool:
-    """Copy the cached initramfs to `target` when it fits this tree; False otherwise."""
+def reuse_initramfs(cache_dir: Path, key: str, tree: Path, target: str) -> bool:
+    """Copy the cached initramfs to `target` (a path in the tree) when it fits
+    this tree; False otherwise."""
     entry = entry_dir(cache_dir, key)
     try:
         tracked = json.loads((entry / TRACKED_FILE).read_text())
@@ -192,17 +193,19 @@ def reuse_initramfs(cache_dir: Path, key: str, tree: Path, target: Path) -> bool
         return False
     if not still_matches(tree, tracked):
         return False
-    temp = target.with_name(f"{target.name}.new")
-    shutil.copyfile(entry / IMAGE_FILE, temp)
-    temp.chmod(0o644)
-    os.replace(temp, target)
+    copy_into_root(entry / IMAGE_FILE, tree, target)
     os.utime(entry)  # last used, for pruning
     return True
 
 
-def save_initramfs(cache_dir: Path, key: str, tree: Path, image: Path) -> None:
-    """Store a freshly built initramfs and the tree files it copied, atomically."""
+def save_initramfs(cache_dir: Path, key: str, tree: Path, image: str) -> None:
+    """Store a freshly built initramfs (a path in the tree) and the tree files
+    it copied, atomically."""
+    data = read_in_root(tree, image)
+    if data is None:
+        raise BuildError(f"update-initramfs made no /{image}")
     with entries.new_entry(entry_dir(cache_dir, key), replace=True) as temp:
         # replace: a stale entry whose tracked files changed gives way.
-        shutil.copyfile(image, temp / IMAGE_FILE)
-        (temp / TRACKED_FILE).write_text(json.dumps(tracked_files(tree, image), indent=1) + "\n")
+        (temp / IMAGE_FILE).write_bytes(data)
+        tracked = tracked_files(tree, temp / IMAGE_FILE)
+        (temp / TRACKED_FILE).write_text(json.dumps(tracked, indent=1) + "\n")

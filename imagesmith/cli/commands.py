@@ -12,6 +12,7 @@ from typing import Any
 
 from imagesmith.build import ImageResult, build_images, default_cache_dir
 from imagesmith.cache import admin as cacheadmin
+from imagesmith.cache.keys import hygiene_key
 from imagesmith.config.settings import format_size, parse_size
 from imagesmith.config.space import ResolvedImage, load_config_space, resolve_image
 from imagesmith.errors import ConfigError
@@ -112,7 +113,8 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    findings, waived = verify_image_file(args.image_file, args.manifest)
+    key = hygiene_key(default_cache_dir(), create=False)
+    findings, waived = verify_image_file(args.image_file, args.manifest, key=key)
     for finding in waived:
         print(f"waived: {finding.line()}")
     for finding in findings:

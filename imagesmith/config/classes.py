@@ -43,7 +43,7 @@ from imagesmith.config.interfaces import Interface, interfaces_from, merge_inter
 from imagesmith.config.packages import PACKAGE_RE, package_name
 from imagesmith.config.repositories import check_repository
 from imagesmith.config.settings import TARGETS, check_setting
-from imagesmith.config.tomlfile import check_keys, load_toml, locate
+from imagesmith.config.tomlfile import check_keys, inside_space, load_toml, locate
 from imagesmith.config.users import User, merge_users, users_from
 from imagesmith.errors import ConfigError
 
@@ -134,7 +134,7 @@ def find_class(space: Path, name: str, *, where: str) -> ClassDef:
     user = space / "classes" / name
     builtin = BUILTIN_CLASSES / name
     if user.is_dir():
-        cls = load_class(user, builtin=False)
+        cls = load_class(user, builtin=False, space=space)
         if not cls.extend:
             return cls
         if not builtin.is_dir():
@@ -154,10 +154,13 @@ def find_class(space: Path, name: str, *, where: str) -> ClassDef:
 Locate = Callable[..., str]  # (key, section="") -> "file:line" of the key
 
 
-def load_class(path: Path, *, builtin: bool) -> ClassDef:
-    """Read and validate one class folder."""
+def load_class(path: Path, *, builtin: bool, space: Path | None = None) -> ClassDef:
+    """Read and validate one class folder of the config space `space` (by
+    default the folder above classes/). Nothing it reads may lead out of it."""
+    space = BUILTIN_CLASSES if builtin else space or path.parent.parent
+    inside_space(space, path, "the class folder")
     _check_class_entries(path)
-    class_file = path / CLASS_FILE
+    class_file = inside_space(space, path / CLASS_FILE, "class.toml")
     data: dict[str, Any] = load_toml(class_file) if class_file.is_file() else {}
 
     def where(key: str, section: str = "") -> str:
@@ -175,7 +178,7 @@ def load_class(path: Path, *, builtin: bool) -> ClassDef:
     waivers = data.get("waivers", [])
     if not isinstance(waivers, list):
         raise ConfigError(f"{where('waivers')}: use [[waivers]] tables")
-    debconf_file = path / "debconf"
+    debconf_file = inside_space(space, path / "debconf", "debconf")
     return ClassDef(
         name=path.name,
         path=path,
@@ -186,7 +189,7 @@ def load_class(path: Path, *, builtin: bool) -> ClassDef:
         install=install,
         remove=remove,
         repositories=tuple(
-            check_repository(r, f"{class_file} [[repositories]] #{i + 1}")
+            check_repository(r, f"{class_file} [[repositories]] #{i + 1}", space=space)
             for i, r in enumerate(repositories)
         ),
         settings={
@@ -194,13 +197,18 @@ def load_class(path: Path, *, builtin: bool) -> ClassDef:
             for key, value in settings_table.items()
         },
         debconf=debconf_file.read_text() if debconf_file.is_file() else "",
-        scripts=_find_scripts(path / "scripts"),
+        scripts=tuple(
+            inside_space(space, s, "a class script") for s in _find_scripts(path / "scripts")
+        ),
         waivers=tuple(
             _check_waiver(w, f"{class_file} [[waivers]] #{i + 1}") for i, w in enumerate(waivers)
         ),
         users=users_from(data.get("users", []), str(class_file)),
         interfaces=interfaces_from(data.get("interfaces", []), str(class_file)),
-        debs=tuple(sorted((path / "debs").glob("*.deb"))),
+        debs=tuple(
+            inside_space(space, deb, "a local .deb")
+            for deb in sorted((path / "debs").glob("*.deb"))
+        ),
     )
 
 

@@ -329,3 +329,13 @@ def switched_classes(settings: ImageSettings) -> list[tuple[str, str]]:
 def class_switches() -> dict[str, str]:
     """Built-in class name -> the setting that switches it on."""
     return {s.applies_class: s.name for s in SETTINGS if s.applies_class}
+
+
+# Settings whose value a manifest or a summary must not show.
+SENSITIVE_SETTINGS = {"root_password_hash"}
+REDACTED = "(set; not shown)"
+
+
+def redacted(name: str, value: Any) -> Any:
+    """The value to show for a setting: a password hash only says that it is set."""
+    return REDACTED if name in SENSITIVE_SETTINGS and value else value

@@ -19,6 +19,7 @@ listed as skipped.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,11 @@ from imagesmith.config.interfaces import Interface
 from imagesmith.config.interfaces import implied_packages as network_packages
 from imagesmith.config.layout import check_layout_fits
 from imagesmith.config.packages import package_name
-from imagesmith.config.repositories import Repository, repository_from
+from imagesmith.config.repositories import (
+    Repository,
+    check_one_tls_identity_per_host,
+    repository_from,
+)
 from imagesmith.config.settings import (
     CONTAINER_OUTPUTS,
     DISK_OUTPUTS,
@@ -52,6 +57,7 @@ from imagesmith.errors import ConfigError
 CONFIG_FILE = "imagesmith.toml"
 TOP_LEVEL_KEYS = {"defaults", "images", "default_image"}
 IMAGE_KEYS = {"classes", "description"}
+IMAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,12 @@ def load_config_space(path: Path) -> ConfigSpace:
     checked: dict[str, dict[str, Any]] = {}
     for name, table in images.items():
         section = f"images.{name}"
+        if not IMAGE_NAME_RE.fullmatch(name):
+            raise ConfigError(
+                f"{locate(config_file, '', section=section)}: {name!r} is not a valid image name",
+                hint="it names the output files: letters, digits, '.', '_', '+' and '-', "
+                "starting with a letter or digit, at most 64",
+            )
         if not isinstance(table, dict):
             raise ConfigError(f"{locate(config_file, name)}: [{section}] must be a table")
         checked[name] = _check_image_table(table, config_file, section)
@@ -234,6 +246,7 @@ def resolve_image(
     repositories = tuple(
         repository_from(r, default_suite=settings.suite) for r in merged.repositories
     )
+    check_one_tls_identity_per_host(repositories)
     return ResolvedImage(
         name=name,
         description=table["description"],

@@ -61,3 +61,16 @@ def check_keys(
                 f"{place}: unknown {label} {key!r}{context}",
                 hint=hint or f"allowed: {', '.join(sorted(allowed))}",
             )
+
+
+def inside_space(space: Path, path: Path, what: str) -> Path:
+    """`path`, once its symlinks are followed, must stay inside the config
+    space: a class file that is a symlink to a host file is never read."""
+    real = path.resolve()
+    if (path.exists() or path.is_symlink()) and not real.is_relative_to(space.resolve()):
+        raise ConfigError(
+            f"{path}: {what} leads out of the config space {space}",
+            hint="imagesmith reads only files inside the config space; copy the file in "
+            "(secrets stay outside and are named in client_cert, client_key or auth)",
+        )
+    return path

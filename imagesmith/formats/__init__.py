@@ -14,7 +14,6 @@ writes them.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 SUFFIXES = {"manifest": "manifest.json", "oci": "oci.tar", "tar": "rootfs.tar"}
@@ -22,16 +21,13 @@ SUFFIXES = {"manifest": "manifest.json", "oci": "oci.tar", "tar": "rootfs.tar"}
 OUTPUT_SUFFIXES = sorted(
     {"raw", "raw.zst", "qcow2", *SUFFIXES.values()} - {"manifest.json"}, key=len, reverse=True
 )
-# Outputs are written under this prefix and renamed into place when complete.
+# Outputs are written in a private directory OUTPUT/.imagesmith-tmp-PID-RANDOM
+# and renamed into place when all of them are complete.
 OUTPUT_TEMP_PREFIX = ".imagesmith-tmp-"
 
 
 def output_path(output_dir: Path, image: str, fmt: str) -> Path:
     return output_dir / f"{image}.{SUFFIXES.get(fmt, fmt)}"
-
-
-def temp_path(final: Path) -> Path:
-    return final.with_name(f"{OUTPUT_TEMP_PREFIX}{os.getpid()}-{final.name}")
 
 
 def manifest_for(image_file: Path) -> Path:

@@ -8,6 +8,7 @@ archive host.
 
 from __future__ import annotations
 
+import urllib.parse
 from pathlib import Path
 
 from imagesmith.errors import ConfigError
@@ -80,3 +81,50 @@ def host_debian_mirror(apt_dir: Path = APT_DIR) -> str:
 def archive_mirror(configured: str) -> str:
     """The `mirror` setting, or the build host's Debian archive when it is empty."""
     return configured or host_debian_mirror()
+
+
+def apt_auth_for(auth_text: str, url: str) -> tuple[str, str] | None:
+    """(login, password) that apt would send for `url` from an auth.conf text.
+
+    apt_auth.conf(5), as apt's own parser reads it: the file is a stream of
+    whitespace-separated tokens (a `#` starts no comment); the first
+    `machine` entry that matches wins. An entry matches by host, by
+    host:port (then only that port), or by host[:port]/path (a prefix of
+    the URL's host[:port]/path). An entry without `protocol://` matches
+    https URLs only; with one, only URLs of that protocol.
+    """
+    parts = urllib.parse.urlsplit(url)
+    scheme, host, port = parts.scheme, parts.hostname or "", parts.port
+    path = parts.path or "/"
+    lookfor = f"{host}:{port}{path}" if port else f"{host}{path}"
+    state, login, password = "", "", ""
+    matched = False
+    tokens = auth_text.split()
+    for i, token in enumerate(tokens):
+        if state == "machine":
+            matched = _machine_matches(token, scheme, host, port, lookfor)
+            state = "good" if matched else ""
+        elif state == "good":
+            if token == "machine":
+                break
+            if token in ("login", "password") and i + 1 < len(tokens):
+                state = token
+        elif state in ("login", "password"):
+            login, password = (token, password) if state == "login" else (login, token)
+            state = "good"
+        elif token == "machine":
+            state = "machine"
+    return (login, password) if matched else None
+
+
+def _machine_matches(token: str, scheme: str, host: str, port: int | None, lookfor: str) -> bool:
+    if "://" in token:
+        if not token.startswith(f"{scheme}://"):
+            return False
+        token = token.removeprefix(f"{scheme}://")
+    elif scheme not in ("https", "tor+https"):
+        return False  # apt sends credentials without a protocol only over TLS
+    if "/" in token:
+        return lookfor.startswith(token)
+    host_port = lookfor.split("/", 1)[0]  # host, or host:port when the URL names one
+    return token in (host, host_port)

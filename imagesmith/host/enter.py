@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import stat
 import sys
 
@@ -21,6 +22,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 
 _libc = ctypes.CDLL(None, use_errno=True)
+HOST_RESOLV = "/etc/resolv.conf"
 
 DEVICES = {  # name: (major, minor)
     "null": (1, 3), "zero": (1, 5), "full": (1, 7),
@@ -69,9 +71,13 @@ def setup_root(root: str, binds: list[tuple[str, str, bool]]) -> None:
             "mode=1777" if path == "tmp" else "mode=0755",
         )
     resolv = f"{root}/etc/resolv.conf"
-    if os.path.isfile(resolv) and not os.path.islink(resolv):
-        # Scripts may reach the network; the image's own file stays untouched.
-        mount("/etc/resolv.conf", resolv, None, MS_BIND)
+    if os.path.isfile(resolv) and not os.path.islink(resolv) and os.path.isfile(HOST_RESOLV):
+        # Scripts may reach the network: they see a copy of the host's
+        # resolver config on this namespace's tmpfs. Whatever they write to
+        # it changes neither the host's file nor the image's.
+        copy = f"{root}/run/imagesmith-resolv.conf"
+        shutil.copyfile(HOST_RESOLV, copy)
+        mount(copy, resolv, None, MS_BIND)
     for source, target, readonly in binds:
         path = f"{root}/{target.lstrip('/')}"
         if os.path.isdir(source):

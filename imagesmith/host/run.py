@@ -27,6 +27,8 @@ TAIL_LINES = 25
 # Every child run() has started and not yet reaped, for stop_all_processes().
 _running: set[subprocess.Popen[bytes]] = set()
 _running_lock = threading.Lock()
+# Environment variables that hold secrets: never passed to a child.
+_hidden_env: set[str] = set()
 
 
 def format_command(argv: Sequence[str | os.PathLike[str]]) -> str:
@@ -52,10 +54,7 @@ def run(
     """
     args = [os.fspath(a) for a in argv]
     log.debug(f"$ {format_command(args)}")
-    full_env = None
-    if env is not None:
-        full_env = dict(os.environ)
-        full_env.update(env)
+    full_env = child_environment(env)
     started = time.monotonic()
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     if interactive:
@@ -87,6 +86,21 @@ def run(
             f"  command: {format_command(args)}\n{detail}"
         )
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def hide_from_children(name: str) -> None:
+    """Keep the environment variable `name` (a secret the build read) out of
+    every command run() starts from now on: maintainer scripts never see it."""
+    with _running_lock:
+        _hidden_env.add(name)
+
+
+def child_environment(extra: Mapping[str, str] | None) -> dict[str, str]:
+    with _running_lock:
+        hidden = set(_hidden_env)
+    env = {k: v for k, v in os.environ.items() if k not in hidden}
+    env.update(extra or {})
+    return env
 
 
 def start(

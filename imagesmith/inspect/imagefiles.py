@@ -70,6 +70,29 @@ def extract_filesystem(image: Path, dest: Path) -> None:
         raise ConfigError(f"{image}: root filesystem type {fstype or 'unknown'!r} is not supported")
 
 
+def untrusted_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    """tarfile's `tar` filter (no absolute names, nothing outside `dest`, not
+    even through a symlink the archive made, no setuid bits), and no device
+    nodes or FIFOs: the scan reads regular files only."""
+    if member.isdev() or member.isfifo():
+        return None
+    return tarfile.tar_filter(member, dest)
+
+
+def extract_tar(archive: Path, dest: Path) -> None:
+    """Unpack an image's tarball, which may be hostile, into `dest`."""
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter=untrusted_member)
+    except tarfile.FilterError as e:
+        raise ConfigError(
+            f"{archive}: refused: {e}",
+            hint="an image tarball must not write outside its own root",
+        ) from e
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ConfigError(f"{archive}: not a readable tar archive: {e}") from e
+
+
 @contextlib.contextmanager
 def image_tree(image_file: Path) -> Iterator[Path]:
     """Yield a temporary directory holding the image's root tree."""
@@ -80,8 +103,7 @@ def image_tree(image_file: Path) -> Iterator[Path]:
         tree = work / "root"
         tree.mkdir()
         if tarfile.is_tarfile(image_file):
-            with tarfile.open(image_file) as tar:
-                tar.extractall(tree, filter="fully_trusted")
+            extract_tar(image_file, tree)
             yield tree
             return
         disk = image_file

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imagesmith.config.layout import plan_disk_layout
-from imagesmith.config.settings import SETTINGS, format_size
+from imagesmith.config.settings import SETTINGS, format_size, redacted
 from imagesmith.config.space import ResolvedImage
 from imagesmith.formats import output_path
 from imagesmith.host.aptsources import archive_mirror
@@ -41,7 +41,7 @@ def summary_lines(image: ResolvedImage) -> list[str]:
             only_for = "disk"
         if only_for and only_for != target:
             continue
-        value = getattr(s, setting.name)
+        value = redacted(setting.name, getattr(s, setting.name))
         if setting.kind == "size":
             value = format_size(value)
         elif isinstance(value, bool):

@@ -11,7 +11,9 @@ The findings and what each means are listed in config/findings.py.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -22,12 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from imagesmith.formats import manifest_for
+from imagesmith.host.paths import listdir_in_root, lstat_in_root, read_in_root
 from imagesmith.inspect.imagefiles import image_tree
 
 KNOWN_PASSWORDS = ("", "root", "toor", "debian", "password", "admin", "changeme", "123456", "live")
 PRIVATE_KEY = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
 SCAN_MAX_FILE = 256 * 1024
-SCAN_SKIP_DIRS = ("proc", "sys", "dev", "run", "usr/share/doc", "usr/share/man", "usr/lib/modules")
+SCAN_NEVER = ("proc", "sys", "dev", "run")
+# Where no private key or configuration lives: skipped unless the build had secrets.
+SCAN_SKIP_DIRS = (*SCAN_NEVER, "usr/share/doc", "usr/share/man", "usr/lib/modules")
+SCAN_CHUNK = 4 * 1024 * 1024
+NO_BARRIER = re.compile(r"(^|,)(nobarrier|barrier=0)(,|$)")
 
 
 @dataclass(frozen=True)
@@ -46,8 +53,9 @@ class ScanContext:
 
     # Secrets the build used: exact contents to look for anywhere in the image.
     secrets: tuple[bytes, ...] = ()
-    # SHA-256 of secrets (from a manifest), matched against whole files.
+    # Keyed digests of secrets (from a manifest), matched against whole files.
     secret_digests: frozenset[str] = frozenset()
+    secret_key: bytes = b""
     # Repository URIs that were only for the build.
     build_repositories: tuple[str, ...] = ()
     # The build host's resolv.conf, to recognise a copy of it.
@@ -56,18 +64,17 @@ class ScanContext:
 
 
 def read(root: Path, rel: str) -> bytes:
-    path = root / rel
-    if path.is_symlink() or not path.is_file():
-        return b""
-    return path.read_bytes()
+    """A file of the tree, its symlinks resolved inside the tree: a hostile
+    image's `etc -> /etc` never makes the scan read the host's files."""
+    return read_in_root(root, rel) or b""
 
 
-def small_files(root: Path) -> Iterator[tuple[str, str]]:
-    """(relative path, path) of every non-empty regular file up to SCAN_MAX_FILE
-    bytes, outside SCAN_SKIP_DIRS. One lstat per entry (scandir's), as this
-    runs on every build."""
+def tree_files(root: Path, skip: tuple[str, ...]) -> Iterator[tuple[str, str, int]]:
+    """(relative path, path, size) of every non-empty regular file outside
+    `skip`. Symlinks are never followed. One lstat per entry (scandir's), as
+    this runs on every build."""
     top = os.fspath(root)
-    skip = {os.path.join(top, d) for d in SCAN_SKIP_DIRS}
+    skipped = {os.path.join(top, d) for d in skip}
     pending = [top]
     while pending:
         try:
@@ -77,29 +84,51 @@ def small_files(root: Path) -> Iterator[tuple[str, str]]:
         for entry in entries:
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    if entry.path not in skip:
+                    if entry.path not in skipped:
                         pending.append(entry.path)
                 elif entry.is_file(follow_symlinks=False):
                     size = entry.stat(follow_symlinks=False).st_size
-                    if 0 < size <= SCAN_MAX_FILE:
-                        yield entry.path[len(top) + 1 :], entry.path
+                    if size > 0:
+                        yield entry.path[len(top) + 1 :], entry.path, size
             except OSError:
                 continue
 
 
+def holds_secret(path: str, secrets: list[bytes]) -> bool:
+    """Whether a file of any size holds one of `secrets`: read once, in
+    chunks that overlap by the longest secret."""
+    overlap = max(len(s) for s in secrets) - 1
+    tail = b""
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(SCAN_CHUNK):
+                window = tail + chunk
+                if any(secret in window for secret in secrets):
+                    return True
+                tail = window[-overlap:] if overlap else b""
+    except OSError:
+        pass
+    return False
+
+
 def check_file_contents(root: Path, scan: ScanContext) -> list[Finding]:
-    """One pass over every small regular file: build secrets and private keys."""
+    """One pass over the files: build secrets anywhere in any file (when the
+    build had secrets), private keys and secret digests in small files."""
     findings = []
     secrets = [s.strip() for s in scan.secrets if s.strip()]
-    for rel, path in small_files(root):
+    skip = SCAN_NEVER if secrets else SCAN_SKIP_DIRS
+    for rel, path, size in tree_files(root, skip):
+        if secrets and holds_secret(path, secrets):
+            findings.append(Finding("build-secret", f"/{rel}", "holds a secret the build used"))
+            continue
+        if size > SCAN_MAX_FILE or rel.startswith(SCAN_SKIP_DIRS):
+            continue
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError:
             continue
-        if any(secret in data for secret in secrets) or (
-            scan.secret_digests and secret_digest(data) in scan.secret_digests
-        ):
+        if scan.secret_digests and secret_digest(data, scan.secret_key) in scan.secret_digests:
             findings.append(Finding("build-secret", f"/{rel}", "holds a secret the build used"))
         elif PRIVATE_KEY.search(data) and not re.match(r"etc/ssh/ssh_host_\w+_key$", rel):
             findings.append(Finding("private-key", f"/{rel}", "holds a PEM private key"))
@@ -107,10 +136,7 @@ def check_file_contents(root: Path, scan: ScanContext) -> list[Finding]:
 
 
 def check_apt_auth(root: Path, scan: ScanContext) -> list[Finding]:
-    paths = ["etc/apt/auth.conf"]
-    auth_dir = root / "etc/apt/auth.conf.d"
-    if auth_dir.is_dir():
-        paths += [f"etc/apt/auth.conf.d/{p.name}" for p in auth_dir.iterdir()]
+    paths = ["etc/apt/auth.conf", *_listdir(root, "etc/apt/auth.conf.d")]
     return [
         Finding("apt-auth", f"/{rel}", "apt credentials")
         for rel in paths
@@ -133,8 +159,7 @@ def sources_entries(root: Path) -> list[tuple[str, str]]:
 
 
 def _listdir(root: Path, rel: str) -> list[str]:
-    path = root / rel
-    return sorted(f"{rel}/{p.name}" for p in path.iterdir()) if path.is_dir() else []
+    return [f"{rel}/{name}" for name in listdir_in_root(root, rel)]
 
 
 def check_build_repositories(root: Path, scan: ScanContext) -> list[Finding]:
@@ -148,17 +173,37 @@ def check_build_repositories(root: Path, scan: ScanContext) -> list[Finding]:
 
 
 def check_unsafe_io(root: Path, scan: ScanContext) -> list[Finding]:
-    return [
+    """force-unsafe-io in dpkg's own configuration, or handed to dpkg by apt
+    (`DPkg::Options {"--force-unsafe-io";};`)."""
+    dpkg = [
         Finding("unsafe-io", f"/{rel}", "dpkg force-unsafe-io is configured")
         for rel in _listdir(root, "etc/dpkg/dpkg.cfg.d") + ["etc/dpkg/dpkg.cfg"]
         if re.search(rb"^\s*force-unsafe-io", read(root, rel), re.MULTILINE)
     ]
+    apt = [
+        Finding("unsafe-io", f"/{rel}", "apt passes dpkg --force-unsafe-io")
+        for rel in _listdir(root, "etc/apt/apt.conf.d") + ["etc/apt/apt.conf"]
+        if re.search(rb"force-unsafe-io", apt_config_text(read(root, rel)), re.I)
+    ]
+    return dpkg + apt
+
+
+def apt_config_text(data: bytes) -> bytes:
+    """apt.conf(5) without its comments (`//`, `#` and `/* */`)."""
+    data = re.sub(rb"/\*.*?\*/", b"", data, flags=re.S)
+    return re.sub(rb"(^|\s)(//|#).*$", b"", data, flags=re.M)
 
 
 def check_eatmydata(root: Path, scan: ScanContext) -> list[Finding]:
     findings = []
-    if b"eatmydata" in read(root, "etc/ld.so.preload"):
-        findings.append(Finding("eatmydata", "/etc/ld.so.preload", "preloads libeatmydata"))
+    for rel in ("etc/ld.so.preload", "etc/environment"):
+        if b"eatmydata" in read(root, rel):
+            findings.append(Finding("eatmydata", f"/{rel}", "preloads libeatmydata"))
+    # A diversion that puts a wrapper in place of dpkg (or anything) running eatmydata.
+    diversions = read(root, "var/lib/dpkg/diversions").decode(errors="replace").splitlines()
+    for diverted in diversions[::3]:
+        if diverted.startswith("/") and b"eatmydata" in read(root, diverted):
+            findings.append(Finding("eatmydata", diverted, "a diversion runs eatmydata"))
     status = read(root, "var/lib/dpkg/status")
     if re.search(
         rb"^Package: (lib)?eatmydata\d*\nStatus: install ok installed", status, re.MULTILINE
@@ -168,8 +213,7 @@ def check_eatmydata(root: Path, scan: ScanContext) -> list[Finding]:
 
 
 def check_policy_rc_d(root: Path, scan: ScanContext) -> list[Finding]:
-    path = root / "usr/sbin/policy-rc.d"
-    if path.exists() or path.is_symlink():
+    if lstat_in_root(root, "usr/sbin/policy-rc.d") is not None:
         return [Finding("policy-rc.d", "/usr/sbin/policy-rc.d", "services would never start")]
     return []
 
@@ -178,17 +222,25 @@ def check_fstab_barriers(root: Path, scan: ScanContext) -> list[Finding]:
     findings = []
     for line in read(root, "etc/fstab").decode(errors="replace").splitlines():
         fields = line.split("#", 1)[0].split()
-        if len(fields) >= 4 and re.search(r"(^|,)(nobarrier|barrier=0)(,|$)", fields[3]):
+        if len(fields) >= 4 and NO_BARRIER.search(fields[3]):
             findings.append(
                 Finding("fstab-nobarrier", "/etc/fstab", f"{fields[1]} mounted {fields[3]}")
             )
+    # systemd mount units mount with their own Options=.
+    for unit_dir in ("etc/systemd/system", "usr/lib/systemd/system", "run/systemd/system"):
+        for rel in _listdir(root, unit_dir):
+            if not rel.endswith(".mount"):
+                continue
+            for line in read(root, rel).decode(errors="replace").splitlines():
+                key, _, value = line.partition("=")
+                if key.strip() == "Options" and NO_BARRIER.search(value.strip()):
+                    findings.append(Finding("fstab-nobarrier", f"/{rel}", f"Options={value}"))
     return findings
 
 
 def check_ssh_host_keys(root: Path, scan: ScanContext) -> list[Finding]:
-    ssh = root / "etc/ssh"
-    keys = sorted(ssh.glob("ssh_host_*_key")) if ssh.is_dir() else []
-    return [Finding("ssh-host-keys", f"/etc/ssh/{k.name}", "shared SSH host key") for k in keys]
+    keys = [n for n in listdir_in_root(root, "etc/ssh") if fnmatch.fnmatch(n, "ssh_host_*_key")]
+    return [Finding("ssh-host-keys", f"/etc/ssh/{k}", "shared SSH host key") for k in keys]
 
 
 def check_machine_id(root: Path, scan: ScanContext) -> list[Finding]:
@@ -258,26 +310,38 @@ def scan_tree(root: Path, scan: ScanContext) -> tuple[list[Finding], list[Findin
     return kept, waived
 
 
-def secret_digest(data: bytes) -> str:
-    return hashlib.sha256(data.strip()).hexdigest()
+def secret_digest(data: bytes, key: bytes) -> str:
+    """A keyed digest of a secret (see cache/keys.py): without the build
+    host's key, nobody can test a guess against it."""
+    return hmac.new(key, data.strip(), hashlib.sha256).hexdigest()
 
 
-def scan_context_from_manifest(manifest: dict[str, Any]) -> ScanContext:
+def key_id(key: bytes) -> str:
+    """Names the key a manifest's digests were made with, without giving it away."""
+    return hashlib.sha256(b"imagesmith hygiene key\0" + key).hexdigest()[:16]
+
+
+def scan_context_from_manifest(manifest: dict[str, Any], key: bytes = b"") -> ScanContext:
+    """Waivers and build-only repositories; the secret digests only with the
+    key they were made with (the build host's)."""
     hygiene = manifest.get("hygiene", {})
+    usable = bool(key) and hygiene.get("secret_key_id") == key_id(key)
     return ScanContext(
-        secret_digests=frozenset(hygiene.get("secret_sha256", [])),
+        secret_digests=frozenset(hygiene.get("secret_hmac_sha256", []) if usable else ()),
+        secret_key=key,
         build_repositories=tuple(hygiene.get("build_repositories", [])),
         waived={w["finding"]: w["reason"] for w in hygiene.get("waivers", [])},
     )
 
 
 def verify_image_file(
-    image_file: Path, manifest: Path | None = None
+    image_file: Path, manifest: Path | None = None, *, key: bytes = b""
 ) -> tuple[list[Finding], list[Finding]]:
-    """Scan a built disk image or rootfs tarball; the manifest adds waivers and secrets."""
+    """Scan a built disk image or rootfs tarball; the manifest adds waivers and,
+    with the build host's hygiene `key`, the digests of the build's secrets."""
     manifest = manifest or manifest_for(image_file)
     scan = ScanContext()
     if manifest.is_file():
-        scan = scan_context_from_manifest(json.loads(manifest.read_text()))
+        scan = scan_context_from_manifest(json.loads(manifest.read_text()), key)
     with image_tree(image_file) as tree:
         return scan_tree(tree, scan)

@@ -27,11 +27,17 @@ assumption. /boot is a directory of the root filesystem, ext4 or btrfs.
 from __future__ import annotations
 
 import re
-import shutil
 
 from imagesmith.config.layout import DiskLayout
 from imagesmith.context import BuildContext
 from imagesmith.errors import BuildError
+from imagesmith.host.paths import (
+    listdir_in_root,
+    lstat_in_root,
+    makedirs_in_root,
+    read_in_root,
+    write_in_root,
+)
 from imagesmith.host.sandbox import run_in_root
 from imagesmith.tree.firstboot import first_boot_cmdline
 from imagesmith.tree.initramfs import build_initramfs
@@ -53,7 +59,11 @@ GRUB_BIOS_DIR = "usr/lib/grub/i386-pc"
 
 def find_kernel_version(ctx: BuildContext) -> str:
     versions = sorted(
-        (p.name.removeprefix("vmlinuz-") for p in (ctx.tree / "boot").glob("vmlinuz-*")),
+        (
+            name.removeprefix("vmlinuz-")
+            for name in listdir_in_root(ctx.tree, "boot")
+            if name.startswith("vmlinuz-")
+        ),
         key=lambda v: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", v)],
     )
     if not versions:
@@ -127,16 +137,21 @@ def grub_cfg_text(ctx: BuildContext) -> str:
 
 
 def copy_grub_modules(ctx: BuildContext, platform: str, *, package: str, klass: str) -> None:
-    """/usr/lib/grub/PLATFORM -> /boot/grub/PLATFORM, as grub-install would."""
-    modules = ctx.tree / "usr/lib/grub" / platform
-    if not modules.is_dir():
+    """/usr/lib/grub/PLATFORM -> /boot/grub/PLATFORM, as grub-install would.
+    Copied inside the image root, so the image's own symlinks stay inside it."""
+    if lstat_in_root(ctx.tree, f"usr/lib/grub/{platform}") is None:
         raise BuildError(
             f"the image has no /usr/lib/grub/{platform}",
             hint=f"the built-in `{klass}` class installs {package}; add it to the class list",
         )
-    target = ctx.tree / "boot/grub" / platform
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(modules, target, ignore=shutil.ignore_patterns("*.module", "*.image"))
+    script = (
+        'set -e; rm -rf "/boot/grub/$1"; mkdir -p "/boot/grub/$1"; '
+        'cp -a "/usr/lib/grub/$1/." "/boot/grub/$1/"; '
+        'rm -f "/boot/grub/$1"/*.module "/boot/grub/$1"/*.image'
+    )
+    run_in_root(
+        ctx.tree, ["sh", "-c", script, "sh", platform], what=f"copying GRUB's {platform} modules"
+    )
 
 
 def install_grub_efi(ctx: BuildContext) -> None:
@@ -158,7 +173,10 @@ def install_grub_bios(ctx: BuildContext) -> None:
     """boot.img and core.img into `ctx.bios_dir`, for the assemble stage to place."""
     copy_grub_modules(ctx, "i386-pc", package="grub-pc-bin", klass="bios")
     ctx.bios_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ctx.tree / GRUB_BIOS_DIR / "boot.img", ctx.bios_dir / "boot.img")
+    boot_img = read_in_root(ctx.tree, f"{GRUB_BIOS_DIR}/boot.img")
+    if boot_img is None:
+        raise BuildError(f"the image has no /{GRUB_BIOS_DIR}/boot.img", hint="add the `bios` class")
+    (ctx.bios_dir / "boot.img").write_bytes(boot_img)
     run_in_root(
         ctx.tree,
         [
@@ -175,12 +193,10 @@ def configure_boot(ctx: BuildContext) -> None:
         return
     firmware = ctx.image.settings.boot_firmware
     ctx.kernel_version = find_kernel_version(ctx)
-    (ctx.tree / "etc/fstab").write_text(fstab_text(ctx.layout))
-    grub_dir = ctx.tree / "boot/grub"
-    grub_dir.mkdir(parents=True, exist_ok=True)
-    (grub_dir / "grub.cfg").write_text(grub_cfg_text(ctx))
+    write_in_root(ctx.tree, "etc/fstab", fstab_text(ctx.layout))
+    write_in_root(ctx.tree, "boot/grub/grub.cfg", grub_cfg_text(ctx))
     if "uefi" in firmware:
-        (ctx.tree / "boot/efi").mkdir(parents=True, exist_ok=True)
+        makedirs_in_root(ctx.tree, "boot/efi")
         install_grub_efi(ctx)
     if "bios" in firmware:
         install_grub_bios(ctx)

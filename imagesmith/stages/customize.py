@@ -26,6 +26,7 @@ from pathlib import Path
 from imagesmith import log
 from imagesmith.config.classes import ClassDef, class_layers
 from imagesmith.context import BuildContext
+from imagesmith.host.paths import remove_in_root, write_in_root
 from imagesmith.host.sandbox import run_in_root
 from imagesmith.host.tarfiles import as_root
 from imagesmith.tree.accounts import configure_accounts
@@ -70,10 +71,12 @@ def remove_packages(ctx: BuildContext) -> None:
 
 def configure_hostname(ctx: BuildContext) -> None:
     hostname = ctx.image.settings.hostname
-    (ctx.tree / "etc/hostname").write_text(f"{hostname}\n")
-    (ctx.tree / "etc/hosts").write_text(
+    write_in_root(ctx.tree, "etc/hostname", f"{hostname}\n")
+    write_in_root(
+        ctx.tree,
+        "etc/hosts",
         f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n"
-        "::1\t\tlocalhost ip6-localhost ip6-loopback\n"
+        "::1\t\tlocalhost ip6-localhost ip6-loopback\n",
     )
 
 
@@ -103,9 +106,7 @@ def run_class_scripts(ctx: BuildContext) -> None:
         if c.fcopy_dir is not None
     ]
     # Services must not start inside the build.
-    policy = ctx.tree / POLICY_RC_D
-    policy.write_text("#!/bin/sh\nexit 101\n")
-    policy.chmod(0o755)
+    write_in_root(ctx.tree, POLICY_RC_D, "#!/bin/sh\nexit 101\n", mode=0o755)
     try:
         for cls in classes:
             for script in cls.scripts:
@@ -118,7 +119,7 @@ def run_class_scripts(ctx: BuildContext) -> None:
                     what=f"class {cls.name!r} script scripts/{script.name}",
                 )
     finally:
-        policy.unlink(missing_ok=True)
+        remove_in_root(ctx.tree, POLICY_RC_D)
 
 
 def customize_tree(ctx: BuildContext) -> None:

@@ -11,13 +11,21 @@ setup did not already put the real one back (a container image).
 
 from __future__ import annotations
 
-import shutil
+import fnmatch
+import stat
 from pathlib import Path
 
 from imagesmith import log
 from imagesmith.context import BuildContext
 from imagesmith.errors import BuildError
-from imagesmith.host.run import run
+from imagesmith.host.paths import (
+    empty_dir_in_root,
+    listdir_in_root,
+    lstat_in_root,
+    remove_in_root,
+    write_in_root,
+)
+from imagesmith.host.sandbox import run_in_root
 from imagesmith.inspect.verify import ScanContext, scan_tree
 from imagesmith.tree.aptsources import write_image_sources
 from imagesmith.tree.initramfs import remove_initramfs_diversion
@@ -38,14 +46,15 @@ HOST_RESOLV_CONF = Path("/etc/resolv.conf")
 
 
 def list_packages(ctx: BuildContext) -> list[dict[str, str]]:
-    out = run(
+    out = run_in_root(
+        ctx.tree,
         [
-            "dpkg-query", f"--admindir={ctx.tree / 'var/lib/dpkg'}", "--show",
+            "dpkg-query", "--show",
             "--showformat=${Package}\\t${Version}\\t${Architecture}\\t${db:Status-Abbrev}\\n",
         ],
         capture=True,
         what="listing installed packages",
-    ).stdout.decode()  # fmt: skip
+    ).decode()  # fmt: skip
     packages = []
     for line in out.splitlines():
         name, version, arch, status = line.split("\t")
@@ -55,29 +64,25 @@ def list_packages(ctx: BuildContext) -> list[dict[str, str]]:
 
 
 def strip_build_state(ctx: BuildContext) -> None:
+    """Every path is resolved inside the tree (host/paths.py): a class that
+    left `var/tmp -> /tmp` empties the image's /tmp, never the host's."""
     tree = ctx.tree
     for rel in EMPTIED_DIRS:
-        path = tree / rel
-        if path.is_dir():
-            for entry in path.iterdir():
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
+        empty_dir_in_root(tree, rel)
     for rel in REMOVED_FILES:
-        (tree / rel).unlink(missing_ok=True)
+        remove_in_root(tree, rel)
     # Generated on first boot, so every machine gets its own.
-    (tree / "etc/machine-id").write_text("")
-    ssh = tree / "etc/ssh"
+    write_in_root(tree, "etc/machine-id", "")
     # sshd-keygen.service makes new ones before sshd starts. With
     # new_ssh_host_keys = false a class ships its own (and waives the finding).
-    if ssh.is_dir() and ctx.image.settings.new_ssh_host_keys:
-        for key in ssh.glob("ssh_host_*_key*"):
-            key.unlink()
+    if ctx.image.settings.new_ssh_host_keys:
+        for name in listdir_in_root(tree, "etc/ssh"):
+            if fnmatch.fnmatch(name, "ssh_host_*_key*"):
+                remove_in_root(tree, f"etc/ssh/{name}")
     # mmdebstrap copied in the build host's resolver config; it must not ship.
-    resolv = tree / "etc/resolv.conf"
-    if resolv.is_file() and not resolv.is_symlink():
-        resolv.write_text("")
+    resolv = lstat_in_root(tree, "etc/resolv.conf")
+    if resolv is not None and stat.S_ISREG(resolv.st_mode):
+        write_in_root(tree, "etc/resolv.conf", "")
 
 
 def scan_context(ctx: BuildContext) -> ScanContext:

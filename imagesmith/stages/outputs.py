@@ -29,19 +29,24 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from imagesmith import __version__
+from imagesmith.cache.keys import hygiene_key
+from imagesmith.config.settings import redacted
+from imagesmith.config.space import ResolvedImage
 from imagesmith.context import BuildContext
 from imagesmith.disk.sparse import sha256_file
-from imagesmith.formats import output_path, temp_path
+from imagesmith.formats import OUTPUT_TEMP_PREFIX, output_path
 from imagesmith.formats.oci import write_oci_archive
 from imagesmith.host.run import run
-from imagesmith.inspect.verify import secret_digest
+from imagesmith.inspect.verify import key_id, secret_digest
 
 ZSTD_LEVEL = 3
 # hashlib releases the GIL: the raw disk's hash (the longest, 2 GiB of mostly
@@ -49,18 +54,32 @@ ZSTD_LEVEL = 3
 HASH_THREADS = 2
 
 
+@dataclass
+class StagedOutputs:
+    """Outputs being written: each in a private directory of the output
+    directory, made by mkdtemp (mode 0700, an unpredictable name), so
+    another user of a shared output directory cannot plant a symlink where
+    root writes a disk."""
+
+    directory: Path
+    files: dict[str, Path] = field(default_factory=dict)  # format -> temp file
+
+    def add(self, output_dir: Path, image: str, fmt: str) -> Path:
+        self.files[fmt] = self.directory / output_path(output_dir, image, fmt).name
+        return self.files[fmt]
+
+
 @contextlib.contextmanager
-def staged_outputs(ctx: BuildContext) -> Iterator[dict[str, Path]]:
-    """Yield {format: temp path}; rename all into place on success, else delete."""
-    staged: dict[str, Path] = {}
+def staged_outputs(ctx: BuildContext) -> Iterator[StagedOutputs]:
+    """Yield the staging area; rename every file into place on success."""
+    prefix = f"{OUTPUT_TEMP_PREFIX}{os.getpid()}-"
+    staged = StagedOutputs(Path(tempfile.mkdtemp(prefix=prefix, dir=ctx.output_dir)))
     try:
         yield staged
-    except BaseException:
-        for temp in staged.values():
-            temp.unlink(missing_ok=True)
-        raise
-    for fmt, temp in staged.items():
-        os.replace(temp, output_path(ctx.output_dir, ctx.image.name, fmt))
+        for fmt, temp in staged.files.items():
+            os.replace(temp, output_path(ctx.output_dir, ctx.image.name, fmt))
+    finally:
+        shutil.rmtree(staged.directory, ignore_errors=True)
 
 
 def write_raw(ctx: BuildContext, target: Path) -> None:
@@ -102,14 +121,13 @@ WRITERS: dict[str, Callable[[BuildContext, Path], None]] = {
 }
 
 
-def write_outputs(ctx: BuildContext, staged: dict[str, Path]) -> None:
+def write_outputs(ctx: BuildContext, staged: StagedOutputs) -> None:
     """Write every requested format; their hashes land in ctx.output_sha256."""
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     hashes: dict[str, Future[str]] = {}
     with ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="sha256") as hasher:
         for fmt in ctx.image.settings.outputs:
-            temp = temp_path(output_path(ctx.output_dir, ctx.image.name, fmt))
-            staged[fmt] = temp
+            temp = staged.files.get(fmt) or staged.add(ctx.output_dir, ctx.image.name, fmt)
             if fmt == "raw":
                 hashes[fmt] = hasher.submit(sha256_file, ctx.disk)
             WRITERS[fmt](ctx, temp)
@@ -119,8 +137,15 @@ def write_outputs(ctx: BuildContext, staged: dict[str, Path]) -> None:
         ctx.output_sha256 = {fmt: future.result() for fmt, future in hashes.items()}
 
 
+def redacted_settings(image: ResolvedImage) -> dict[str, Any]:
+    return {
+        name: redacted(name, value) for name, value in dataclasses.asdict(image.settings).items()
+    }
+
+
 def manifest_data(ctx: BuildContext, outputs: dict[str, Path]) -> dict[str, Any]:
     image = ctx.image
+    key = hygiene_key(ctx.cache_dir)
     data: dict[str, Any] = {
         "imagesmith_version": __version__,
         "image": image.name,
@@ -135,7 +160,7 @@ def manifest_data(ctx: BuildContext, outputs: dict[str, Path]) -> dict[str, Any]
             }
             for c in image.classes
         ],
-        "settings": dataclasses.asdict(image.settings),
+        "settings": redacted_settings(image),
         "target": image.target,
         "firmware": list(image.settings.boot_firmware) if image.target == "disk" else [],
         "kernel": ctx.kernel_version,
@@ -155,7 +180,8 @@ def manifest_data(ctx: BuildContext, outputs: dict[str, Path]) -> dict[str, Any]
                 for finding, (reason, cls) in ctx.image.waivers.items()
             ],
             "build_repositories": list(ctx.build_repositories),
-            "secret_sha256": [secret_digest(s) for s in ctx.secrets],
+            "secret_key_id": key_id(key),
+            "secret_hmac_sha256": [secret_digest(s, key) for s in ctx.secrets],
         },
         "caches": {
             name: dataclasses.asdict(use)

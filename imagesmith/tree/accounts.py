@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imagesmith.config.users import User
+from imagesmith.host.paths import write_in_root
 from imagesmith.host.sandbox import run_in_root
 
 
@@ -30,10 +31,12 @@ def create_user(tree: Path, user: User) -> None:
             what=f"setting the password of {user.name!r}",
         )
     if user.sudo:
-        sudoers = tree / "etc/sudoers.d" / f"imagesmith-{user.name}"
-        sudoers.parent.mkdir(parents=True, exist_ok=True)
-        sudoers.write_text(f"{user.name} ALL=(ALL:ALL) NOPASSWD: ALL\n")
-        sudoers.chmod(0o440)
+        write_in_root(
+            tree,
+            f"etc/sudoers.d/imagesmith-{user.name}",
+            f"{user.name} ALL=(ALL:ALL) NOPASSWD: ALL\n",
+            mode=0o440,
+        )
     if user.authorized_keys:
         keys = "".join(f"{k.strip()}\n" for k in user.authorized_keys)
         script = (

@@ -33,7 +33,8 @@ from imagesmith.config.classes import class_layers
 from imagesmith.config.repositories import Repository
 from imagesmith.config.space import ResolvedImage
 from imagesmith.errors import ConfigError
-from imagesmith.host.run import run
+from imagesmith.host.paths import copy_into_root, listdir_in_root, remove_in_root, write_in_root
+from imagesmith.host.run import hide_from_children, run
 
 BUILD_DIR_PARENT = Path("/var/tmp")
 KEYRINGS = "etc/apt/keyrings"
@@ -46,6 +47,7 @@ def read_secret(ref: str, *, where: str, config_space: Path) -> bytes:
         value = os.environ.get(name)
         if value is None:
             raise ConfigError(f"{where}: environment variable {name} is not set")
+        hide_from_children(name)
         return value.encode()
     path = Path(ref.removeprefix("file:"))
     if not path.is_absolute():
@@ -175,17 +177,12 @@ def write_image_sources(tree: Path, image: ResolvedImage, mirror: str) -> None:
             continue
         options = ""
         if repo.signed_by:
-            keyrings = tree / KEYRINGS
-            keyrings.mkdir(parents=True, exist_ok=True)
-            key = keyrings / f"{repo.name}{Path(repo.signed_by).suffix or '.gpg'}"
-            shutil.copyfile(repo.signed_by, key)
-            key.chmod(0o644)
-            options = f"[signed-by=/{KEYRINGS}/{key.name}] "
+            key = f"{KEYRINGS}/{repo.name}{Path(repo.signed_by).suffix or '.gpg'}"
+            copy_into_root(Path(repo.signed_by), tree, key)
+            options = f"[signed-by=/{key}] "
         for suite in repo.suites:
             lines.append(f"deb {options}{repo.uri} {suite} {' '.join(repo.components)}")
-    (tree / "etc/apt/sources.list").write_text("\n".join(lines) + "\n")
-    sources_d = tree / "etc/apt/sources.list.d"
-    if sources_d.is_dir():
-        for entry in sources_d.iterdir():
-            if entry.name.startswith("imagesmith-") or "mmdebstrap" in entry.name:
-                entry.unlink()
+    write_in_root(tree, "etc/apt/sources.list", "\n".join(lines) + "\n")
+    for name in listdir_in_root(tree, "etc/apt/sources.list.d"):
+        if name.startswith("imagesmith-") or "mmdebstrap" in name:
+            remove_in_root(tree, f"etc/apt/sources.list.d/{name}")

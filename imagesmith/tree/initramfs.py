@@ -15,6 +15,7 @@ from pathlib import Path
 from imagesmith import log
 from imagesmith.cache import initramfs as initramfs_cache
 from imagesmith.cache.entries import CacheUse
+from imagesmith.host.paths import read_in_root, remove_in_root
 from imagesmith.host.sandbox import run_in_root
 
 UPDATE_INITRAMFS = "usr/sbin/update-initramfs"
@@ -30,10 +31,10 @@ DIVERT_INITRAMFS = (
 
 def remove_initramfs_diversion(tree: Path) -> None:
     """Take out the build's update-initramfs stub and its diversion, if still there."""
-    stub = tree / UPDATE_INITRAMFS
-    if stub.is_symlink() or not stub.is_file() or BUILD_STUB_MARK not in stub.read_bytes():
+    stub = read_in_root(tree, UPDATE_INITRAMFS)
+    if stub is None or BUILD_STUB_MARK not in stub:
         return
-    stub.unlink()
+    remove_in_root(tree, UPDATE_INITRAMFS)
     run_in_root(
         tree,
         ["dpkg-divert", "--quiet", "--local", "--rename", "--remove", f"/{UPDATE_INITRAMFS}"],
@@ -45,7 +46,7 @@ def build_initramfs(tree: Path, kernel_version: str, cache_dir: Path) -> CacheUs
     """The real update-initramfs back, then the initramfs built or reused.
     Returns the initramfs cache entry used, None with the cache disabled."""
     remove_initramfs_diversion(tree)
-    target = tree / f"boot/initrd.img-{kernel_version}"
+    target = f"boot/initrd.img-{kernel_version}"
     if initramfs_cache.initramfs_disabled():
         key = ""
     else:

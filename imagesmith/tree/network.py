@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imagesmith.config.interfaces import Interface
+from imagesmith.host.paths import write_in_root
 from imagesmith.host.sandbox import run_in_root
 
 NETWORK_DIR = "etc/systemd/network"
@@ -40,13 +41,10 @@ DHCP=yes
 
 
 def configure_networkd(tree: Path, interfaces: tuple[Interface, ...]) -> None:
-    directory = tree / NETWORK_DIR
-    directory.mkdir(parents=True, exist_ok=True)
     for i, interface in enumerate(interfaces):
-        (
-            directory / f"{10 + i:02d}-imagesmith-{interface.name.replace('*', 'any')}.network"
-        ).write_text(network_file(interface))
-    (directory / "90-imagesmith-dhcp.network").write_text(DHCP_ALL_ETHERNET)
+        name = f"{10 + i:02d}-imagesmith-{interface.name.replace('*', 'any')}.network"
+        write_in_root(tree, f"{NETWORK_DIR}/{name}", network_file(interface))
+    write_in_root(tree, f"{NETWORK_DIR}/90-imagesmith-dhcp.network", DHCP_ALL_ETHERNET)
     run_in_root(
         tree,
         ["systemctl", "enable", "systemd-networkd.service", "systemd-resolved.service"],
