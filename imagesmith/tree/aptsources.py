@@ -109,8 +109,14 @@ def add_repository(sources: BuildSources, repo: Repository, config_space: Path) 
         auth_dir = secrets_dir / "auth.conf.d"
         auth_dir.mkdir(exist_ok=True)
         (auth_dir / f"{repo.name}.conf").write_bytes(data)
+        # Whole credential lines, and each password on its own: a script that
+        # copies just the password into the image is caught too.
+        tokens = data.decode(errors="replace").split()
         sources.secrets += [
             line.strip().encode() for line in data.decode().splitlines() if "password" in line
+        ]
+        sources.secrets += [
+            value.encode() for key, value in zip(tokens, tokens[1:]) if key == "password"
         ]
         sources.aptopts.append(f'Dir::Etc::netrcparts "{auth_dir}";')
     prefix = f"[{' '.join(options)}] " if options else ""
