@@ -38,6 +38,9 @@ from imagesmith.host.run import hide_from_children, run
 
 BUILD_DIR_PARENT = Path("/var/tmp")
 KEYRINGS = "etc/apt/keyrings"
+# A password shorter than this is looked for only within its whole auth line:
+# alone, it would match by chance in ordinary files.
+MIN_SECRET_TOKEN = 8
 
 
 def read_secret(ref: str, *, where: str, config_space: Path) -> bytes:
@@ -116,7 +119,9 @@ def add_repository(sources: BuildSources, repo: Repository, config_space: Path) 
             line.strip().encode() for line in data.decode().splitlines() if "password" in line
         ]
         sources.secrets += [
-            value.encode() for key, value in zip(tokens, tokens[1:]) if key == "password"
+            value.encode()
+            for key, value in zip(tokens, tokens[1:], strict=False)
+            if key == "password" and len(value) >= MIN_SECRET_TOKEN
         ]
         sources.aptopts.append(f'Dir::Etc::netrcparts "{auth_dir}";')
     prefix = f"[{' '.join(options)}] " if options else ""
