@@ -97,6 +97,7 @@ LOWER_LAYERS = {
     "imagesmith.host": set(),
     "imagesmith.cache": {"imagesmith.config", "imagesmith.host"},
     "imagesmith.disk": {"imagesmith.config", "imagesmith.host"},
+    "imagesmith.fai": {"imagesmith.config", "imagesmith.host"},
     "imagesmith.tree": {"imagesmith.config", "imagesmith.host", "imagesmith.cache"},
     "imagesmith.formats": {"imagesmith.config", "imagesmith.host"},
     "imagesmith.inspect": {

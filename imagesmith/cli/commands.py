@@ -7,6 +7,7 @@ them into messages and exit codes.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any
 
@@ -16,6 +17,7 @@ from imagesmith.cache.keys import hygiene_key
 from imagesmith.config.settings import format_size, parse_size
 from imagesmith.config.space import ResolvedImage, load_config_space, resolve_image
 from imagesmith.errors import ConfigError
+from imagesmith.fai.convert import ImportRequest, import_fai_space
 from imagesmith.inspect.lint import lint_config_space
 from imagesmith.inspect.qemu import boot_interactive
 from imagesmith.inspect.summary import print_summary
@@ -158,4 +160,19 @@ def cmd_cache(args: argparse.Namespace) -> int:
     print(f"removed {len(removed)} entries from {cache_dir}")
     if removed:
         print(cacheadmin.format_entries(removed))
+    return 0
+
+
+def cmd_fai_import(args: argparse.Namespace) -> int:
+    request = ImportRequest(
+        space=args.fai_space,
+        classes=[c for c in re.split(r"[,\\s]+", args.classes) if c],
+        renew=args.new,
+        hostname=args.hostname,
+        size=args.size,
+        suite=args.suite,
+        output=args.output,
+    )
+    print(import_fai_space(request), end="")
+    print(f"Wrote {args.output}; build it with: imagesmith build -C {args.output}")
     return 0

@@ -178,6 +178,39 @@ def add_lint_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     lint.set_defaults(func=commands.cmd_lint)
 
 
+def add_fai_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fai = verbs.add_parser(
+        "fai",
+        help="bring an FAI config space along",
+        description="Convert an FAI config space once into an imagesmith config space "
+        "(see docs/fai.md).",
+    )
+    sub = fai.add_subparsers(dest="fai_verb", required=True, metavar="import")
+    imp = sub.add_parser(
+        "import",
+        help="convert an FAI config space",
+        description="Resolve the FAI classes as fai-diskimage does, and write an imagesmith "
+        "config space that runs the FAI pieces at build time, plus FAI-IMPORT.txt listing "
+        "what did not carry over.",
+    )
+    imp.add_argument("fai_space", type=Path, metavar="FAI_SPACE")
+    imp.add_argument(
+        "-c", "--class", dest="classes", default="", metavar="CLASSES",
+        help="FAI classes, comma separated, as fai-diskimage -c",
+    )  # fmt: skip
+    imp.add_argument(
+        "-N", "--new", action="store_true", help="run class/[0-9]* to define classes, as FAI -N"
+    )
+    imp.add_argument("--hostname", default="debian", help="host name (default: debian)")
+    imp.add_argument("--size", default="", help="disk image size, as fai-diskimage -S")
+    imp.add_argument("--suite", default="trixie", help="Debian suite (default: trixie)")
+    imp.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="NEW_SPACE",
+        help="the imagesmith config space to write (a new folder)",
+    )  # fmt: skip
+    imp.set_defaults(func=commands.cmd_fai_import)
+
+
 def add_cache_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cache = verbs.add_parser(
         "cache",
@@ -224,4 +257,5 @@ def build_parser() -> argparse.ArgumentParser:
     add_verify_verb(verbs)
     add_lint_verb(verbs)
     add_cache_verb(verbs)
+    add_fai_verb(verbs)
     return parser
