@@ -115,8 +115,8 @@ def stage(name: str, timings: dict[str, float] | None = None) -> Iterator[None]:
         if spinner is not None:
             spinner.stop.set()
             spinner.join()
+            _clear_spinner()  # while it still counts as active, or nothing is erased
             _spinner_active.remove(name)
-            _clear_spinner()
         elapsed = time.monotonic() - started
         if timings is not None:
             timings[name] = round(elapsed, 2)

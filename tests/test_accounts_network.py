@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from imagesmith.config.interfaces import Interface, check_interface, merge_interfaces
@@ -75,3 +77,37 @@ def test_bad_interfaces_are_config_errors(table: dict[str, object]) -> None:
 def test_later_interface_of_the_same_name_wins() -> None:
     merged = merge_interfaces([(Interface("e", dhcp=True),), (Interface("e", ("192.0.2.1/24",)),)])
     assert merged == (Interface("e", ("192.0.2.1/24",)),)
+
+
+def test_static_interfaces_become_networkmanager_keyfiles() -> None:
+    import configparser
+
+    from imagesmith.tree.network import nm_connection
+
+    static = Interface("enp1s0", ("192.0.2.10/24", "2001:db8::10/64"), "192.0.2.1", ("192.0.2.53",))
+    keyfile = configparser.ConfigParser()
+    keyfile.read_string(nm_connection(static))
+    assert keyfile["connection"]["interface-name"] == "enp1s0"
+    assert dict(keyfile["ipv4"]) == {
+        "method": "manual", "address1": "192.0.2.10/24", "gateway": "192.0.2.1", "dns": "192.0.2.53;",
+    }  # fmt: skip
+    assert dict(keyfile["ipv6"]) == {"method": "manual", "address1": "2001:db8::10/64"}
+    glob = configparser.ConfigParser()
+    glob.read_string(nm_connection(Interface("enp*", dhcp=True)))
+    assert "interface-name" not in glob["connection"]
+    assert glob["match"]["interface-name"] == "enp*"
+    assert glob["ipv4"]["method"] == "auto"
+
+
+def test_interfaces_under_network_none_are_a_config_error(tmp_path: Path) -> None:
+    from imagesmith.config.space import load_config_space, resolve_image
+
+    (tmp_path / "classes/net").mkdir(parents=True)
+    (tmp_path / "classes/net/class.toml").write_text(
+        '[[interfaces]]\nname = "enp1s0"\naddresses = ["192.0.2.10/24"]\n'
+    )
+    (tmp_path / "imagesmith.toml").write_text(
+        '[images.a]\nclasses = ["base", "uefi", "net"]\nnetwork = "none"\n'
+    )
+    with pytest.raises(ConfigError, match='network = "none" configures no interface'):
+        resolve_image(load_config_space(tmp_path), "a")

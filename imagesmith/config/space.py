@@ -247,6 +247,13 @@ def resolve_image(
         repository_from(r, default_suite=settings.suite) for r in merged.repositories
     )
     check_one_tls_identity_per_host(repositories)
+    if target == "disk" and settings.network == "none" and merged.interfaces:
+        declared = ", ".join(i.name for i in merged.interfaces)
+        raise ConfigError(
+            f"{where}: network = \"none\" configures no interface, but classes declare "
+            f"[[interfaces]] {declared}",
+            hint='set network = "networkd" or "networkmanager", or drop the [[interfaces]]',
+        )
     return ResolvedImage(
         name=name,
         description=table["description"],

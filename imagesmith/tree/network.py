@@ -4,12 +4,16 @@
   other ethernet interface, systemd-networkd and systemd-resolved enabled.
   The wait-online unit is not enabled, so no boot waits for a network that
   isn't there.
-- `networkmanager`: NetworkManager enabled.
-- `none`: nothing.
+- `networkmanager`: NetworkManager enabled; each `[[interfaces]]` table
+  becomes a keyfile connection in /etc/NetworkManager/system-connections
+  (mode 0600, as NetworkManager requires), every other ethernet interface
+  gets NetworkManager's own automatic DHCP.
+- `none`: nothing (a class with `[[interfaces]]` is then a config error).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from imagesmith.config.interfaces import Interface
@@ -17,6 +21,7 @@ from imagesmith.host.paths import write_in_root
 from imagesmith.host.sandbox import run_in_root
 
 NETWORK_DIR = "etc/systemd/network"
+NM_DIR = "etc/NetworkManager/system-connections"
 
 
 def network_file(interface: Interface) -> str:
@@ -58,12 +63,43 @@ def configure_networkd(tree: Path, interfaces: tuple[Interface, ...]) -> None:
     )
 
 
+def nm_connection(interface: Interface) -> str:
+    """A NetworkManager keyfile for one interface (nm-settings-keyfile(5))."""
+    glob = any(c in interface.name for c in "*?[")
+    lines = ["[connection]", f"id=imagesmith-{interface.name}", "type=ethernet", "autoconnect=true"]
+    if not glob:
+        lines.append(f"interface-name={interface.name}")
+    lines.append("")
+    if glob:
+        lines += ["[match]", f"interface-name={interface.name}", ""]
+    for family, version in (("ipv4", 4), ("ipv6", 6)):
+        addresses = [a for a in interface.addresses if ipaddress.ip_interface(a).version == version]
+        method = "auto" if interface.dhcp else "manual" if addresses else "disabled"
+        if version == 6 and method == "disabled":
+            method = "ignore"
+        lines += [f"[{family}]", f"method={method}"]
+        lines += [f"address{i + 1}={a}" for i, a in enumerate(addresses)]
+        gateway = interface.gateway
+        if gateway and ipaddress.ip_address(gateway).version == version:
+            lines.append(f"gateway={gateway}")
+        dns = [d for d in interface.dns if ipaddress.ip_address(d).version == version]
+        if dns:
+            lines.append(f"dns={';'.join(dns)};")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def configure_networkmanager(tree: Path, interfaces: tuple[Interface, ...]) -> None:
+    for interface in interfaces:
+        name = f"imagesmith-{interface.name.replace('*', 'any')}.nmconnection"
+        write_in_root(tree, f"{NM_DIR}/{name}", nm_connection(interface), mode=0o600)
+    run_in_root(
+        tree, ["systemctl", "enable", "NetworkManager.service"], what="enabling NetworkManager"
+    )
+
+
 def configure_network(tree: Path, network: str, interfaces: tuple[Interface, ...]) -> None:
     if network == "networkd":
         configure_networkd(tree, interfaces)
     elif network == "networkmanager":
-        run_in_root(
-            tree,
-            ["systemctl", "enable", "NetworkManager.service"],
-            what="enabling NetworkManager",
-        )
+        configure_networkmanager(tree, interfaces)
