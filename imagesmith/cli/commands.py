@@ -20,6 +20,7 @@ from imagesmith.inspect.qemu import boot_interactive
 from imagesmith.inspect.summary import print_summary
 from imagesmith.inspect.verify import verify_image_file
 from imagesmith.inspect.vmtest import test_image, write_report
+from imagesmith.plan import format_plan, plan_entries
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -82,6 +83,21 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     for image in resolve_requested(args):
         print_summary(image)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    entries = plan_entries(resolve_requested(args), with_index=args.index)
+    print(
+        format_plan(
+            entries,
+            args.format,
+            config_space=str(args.config_space),
+            output_dir=args.output,
+            job_template=args.job_template,
+            with_index=args.index,
+        )
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from imagesmith import __version__
 from imagesmith.cli import commands
+from imagesmith.plan import FORMATS, GITLAB_TEMPLATE_JOB
 
 
 def add_config_space_arg(parser: argparse.ArgumentParser) -> None:
@@ -207,6 +208,42 @@ def add_cache_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -
     cache.set_defaults(func=commands.cmd_cache)
 
 
+def add_plan_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    plan = verbs.add_parser(
+        "plan",
+        help="print a build plan for a CI system, building nothing",
+        description="One entry per image: its target, outputs, package-stage key and the "
+        "images that share it. In each group of images with one key, the first builds the "
+        "stage and the others wait for it (a `needs:`) and take it from the remote stage "
+        "cache. The key is computed without the archive's index state unless --index is "
+        "given. --format gitlab prints a child pipeline, --format github a strategy.matrix "
+        "pair for fromJSON (docs/scale-out.md).",
+    )
+    add_config_space_arg(plan)
+    plan.add_argument(
+        "images", nargs="*", metavar="IMAGE",
+        help="image name(s) from imagesmith.toml (default: its default_image)",
+    )  # fmt: skip
+    plan.add_argument(
+        "-a", "--all", action="store_true", help="every image of the config space",
+    )  # fmt: skip
+    plan.add_argument("--format", choices=FORMATS, default="json", help="default json")
+    plan.add_argument(
+        "--index", action="store_true",
+        help="fetch every repository's index state (network) for the exact stage keys",
+    )  # fmt: skip
+    plan.add_argument(
+        "-o", "--output", default="out", metavar="DIR",
+        help="gitlab: the jobs' output directory, kept as artifacts (default: out)",
+    )  # fmt: skip
+    plan.add_argument(
+        "--job-template", default="", metavar="FILE",
+        help=f"gitlab: include FILE (in the repository) and let every job extend its "
+        f"{GITLAB_TEMPLATE_JOB} job (runner tags, image, before_script)",
+    )  # fmt: skip
+    plan.set_defaults(func=commands.cmd_plan, filesystem=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagesmith",
@@ -219,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     add_build_verb(verbs)
     add_summary_verb(verbs)
+    add_plan_verb(verbs)
     add_boot_verb(verbs)
     add_test_verb(verbs)
     add_verify_verb(verbs)
