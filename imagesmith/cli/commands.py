@@ -12,6 +12,7 @@ from typing import Any
 
 from imagesmith.build import ImageResult, build_images, default_cache_dir
 from imagesmith.cache import admin as cacheadmin
+from imagesmith.cache.remote import RemoteEntry, finalize_remote, list_remote
 from imagesmith.config.settings import format_size, parse_size
 from imagesmith.config.space import ResolvedImage, load_config_space, resolve_image
 from imagesmith.errors import ConfigError
@@ -69,6 +70,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         uuid_seed=args.uuid_seed or "",
         jobs=args.jobs,
+        remote=finalize_remote(
+            args.cache_remote,
+            pull_only=args.cache_remote_pull_only,
+            insecure=args.cache_remote_insecure,
+        ),
     )
     print(format_results(results), flush=True)
     failed = [r for r in results if not r.ok]
@@ -153,7 +159,25 @@ def cmd_lint(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def format_remote_entries(entries: list[RemoteEntry]) -> str:
+    lines = [f"{'KEY':<34} {'SIZE':>10} {'CREATED':<20} IMAGE"]
+    for e in entries:
+        lines.append(f"{e.key:<34} {format_size(e.size):>10} {e.created:<20} {e.image}")
+    return "\n".join(lines)
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
+    if args.remote:
+        if args.action != "list":
+            raise ConfigError(
+                "cache prune --remote: prune a registry with its own garbage collection",
+                hint="see docs/scale-out.md",
+            )
+        remote = finalize_remote(args.remote, insecure=args.cache_remote_insecure)
+        assert remote is not None
+        print(f"remote stage cache {remote.ref}")
+        print(format_remote_entries(list_remote(remote)))
+        return 0
     cache_dir = args.cache_dir or default_cache_dir()
     if args.action == "list":
         print(f"cache directory {cache_dir}")

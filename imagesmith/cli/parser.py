@@ -41,6 +41,24 @@ def add_firmware_arg(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def add_remote_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-remote", metavar="REF",
+        help="share package stages through this OCI registry repository "
+        "(HOST[:PORT]/REPOSITORY; default $IMAGESMITH_CACHE_REMOTE): pull a missing stage "
+        "from it, push a stage built here (docs/scale-out.md)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cache-remote-pull-only", action="store_true",
+        help="never push to the remote stage cache (also $IMAGESMITH_CACHE_REMOTE_MODE=pull)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cache-remote-insecure", action="store_true",
+        help="talk to the registry over plain HTTP or unverified TLS "
+        "(also $IMAGESMITH_CACHE_REMOTE_INSECURE=1); for a registry on loopback",
+    )  # fmt: skip
+
+
 def add_build_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     build = verbs.add_parser(
         "build",
@@ -74,6 +92,7 @@ def add_build_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="build up to N images at once (default 1); images with the same packages "
         "install them once either way",
     )  # fmt: skip
+    add_remote_args(build)
     build.set_defaults(func=commands.cmd_build)
 
 
@@ -205,6 +224,15 @@ def add_cache_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -
     cache.add_argument(
         "--all", action="store_true", help="prune: remove everything, .debs included"
     )
+    cache.add_argument(
+        "--remote", metavar="REF",
+        help="list: the entries of this remote stage cache (HOST[:PORT]/REPOSITORY) instead; "
+        "prune remote entries with the registry's own garbage collection (docs/scale-out.md)",
+    )  # fmt: skip
+    cache.add_argument(
+        "--cache-remote-insecure", action="store_true",
+        help="with --remote: plain HTTP or unverified TLS",
+    )  # fmt: skip
     cache.set_defaults(func=commands.cmd_cache)
 
 
