@@ -282,7 +282,13 @@ def test_runner_b_takes_the_stage_from_the_registry(runners: dict[str, Runner]) 
     assert b.manifest["packages"] == a.manifest["packages"]
     made = {p: v for p, v in a.listings["bootstrap and packages"].items() if not not_cached(p)}
     assert b.listings["bootstrap and packages"] == made
-    assert b.listings["finalise"] == a.listings["finalise"]
+    # The same files; the same contents but for the initramfs, which each
+    # runner builds with its own update-initramfs (no initramfs cache entry is
+    # shared), and which holds the time it was made.
+    final_a, final_b = a.listings["finalise"], b.listings["finalise"]
+    assert final_b.keys() == final_a.keys()
+    differ = {p for p in final_a if final_a[p] != final_b[p]}
+    assert {p.split("-", 1)[0] for p in differ} <= {"boot/initrd.img"}
     timings_a, timings_b = a.manifest["timings"], b.manifest["timings"]
     print(
         f"\npackage stage: cold {timings_a['bootstrap and packages']:.1f}s, "
