@@ -10,7 +10,10 @@ median:
 - a rebuild after changing one file in a class;
 - a rebuild after adding one package to a class;
 - `build --all` (.debs cached, stage and initramfs caches empty);
-- boot to the `login:` prompt on the serial console under QEMU.
+- boot to the `login:` prompt on the serial console under QEMU;
+- a build with an empty local cache that takes the package stage from a
+  remote stage cache (a docker-registry on loopback), against a cold build
+  that pushed it, in the same run.
 
 Every build runs the real CLI in a fresh process, with a cache directory of
 the benchmark's own (the machine's shared cache is never touched) and the
@@ -41,7 +44,7 @@ from imagesmith.config.space import load_config_space, resolve_image  # noqa: E4
 from imagesmith.host.aptsources import archive_mirror  # noqa: E402
 from imagesmith.inspect.qemu import pick_accel, pick_firmware, qemu_argv, vm_scratch  # noqa: E402
 
-MEASUREMENTS = ("cold", "warm", "one-file", "add-package", "all", "boot")
+MEASUREMENTS = ("cold", "warm", "one-file", "add-package", "all", "boot", "remote")
 ALL_JOBS = 2  # as the README runs it
 Row = tuple[str, list[float], str, Callable[[float], bool] | None]
 
@@ -71,9 +74,11 @@ class Bench:
         self.resolved = resolve_image(loaded, self.image)
         self.log = scratch / "bench.log"
 
-    def build(self, *names: str, cache: Path | None = None) -> dict[str, object]:
+    def build(
+        self, *names: str, cache: Path | None = None, extra: tuple[str, ...] = ()
+    ) -> dict[str, object]:
         argv = [sys.executable, "-m", "imagesmith", "build", "-C", str(self.space), "-o", str(self.out),
-                "--cache-dir", str(cache or self.cache), *names]  # fmt: skip
+                "--cache-dir", str(cache or self.cache), *extra, *names]  # fmt: skip
         result = subprocess.run(argv, text=True, capture_output=True, cwd=REPO)
         with self.log.open("a") as log:
             log.write(f"$ {' '.join(argv)}\n{result.stderr}\n")
@@ -115,6 +120,26 @@ class Bench:
             self.empty_cache()
             cold.append(timed(lambda: self.build(self.image)))
         return alone, cold
+
+    def remote_hit(self) -> tuple[list[float], list[float]]:
+        """(cold builds that push, builds with an empty local cache that pull), alternated."""
+        from tests.registry import running_registry
+
+        pushed, pulled = [], []
+        with running_registry(self.scratch / "registry") as registry:
+            for run in range(self.runs):
+                remote = ("--cache-remote", registry.ref(f"bench{run}"), "--cache-remote-insecure")
+                self.empty_cache()
+                started = time.monotonic()
+                self.build(self.image, extra=remote)
+                pushed.append(round(time.monotonic() - started, 2))
+                self.empty_cache()
+                started = time.monotonic()
+                hit = self.build(self.image, extra=remote)
+                pulled.append(round(time.monotonic() - started, 2))
+                caches = hit["caches"]
+                assert isinstance(caches, dict) and caches["stage_cache"]["remote"] == "hit"
+        return pushed, pulled
 
     def warm(self, name: str) -> list[float]:
         times = []
@@ -299,6 +324,13 @@ def main() -> int:
         if "boot" in want and not args.no_boot:
             boot, accel = bench.boot_to_login()
             rows.append((f"boot to `login:` ({accel})", boot, "as short as possible", None))
+        if "remote" in want:
+            pushed, pulled = bench.remote_hit()
+            rows += [
+                ("cold build that pushes to a remote stage cache", pushed, "", None),
+                ("empty local cache, remote stage cache hit", pulled,
+                 f"≤ 0.3 × cold = {0.3 * median(pushed):.1f}", lambda m: m <= 0.3 * median(pushed)),
+            ]  # fmt: skip
         timings = manifest.get("timings", {})
         assert isinstance(timings, dict)
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())

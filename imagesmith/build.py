@@ -33,6 +33,7 @@ from pathlib import Path
 
 from imagesmith import log
 from imagesmith.cache import stages as stagecache
+from imagesmith.cache.remote import RemoteCache
 from imagesmith.config.layout import DiskLayout, UuidSource, plan_disk_layout
 from imagesmith.config.space import ResolvedImage
 from imagesmith.context import BuildContext
@@ -121,6 +122,7 @@ def build_image(
     output_dir: Path,
     cache_dir: Path | None = None,
     uuid_seed: str = "",
+    remote: RemoteCache | None = None,
     after_stage: Callable[[str, BuildContext], None] | None = None,
 ) -> BuildContext:
     """Build one image; returns the context (timings, outputs, packages)."""
@@ -139,6 +141,7 @@ def build_image(
             output_dir=output_dir,
             cache_dir=cache_dir or default_cache_dir(),
             layout=layout,
+            remote_cache=remote,
         )
         skipped = ""
         if image.skipped_classes:
@@ -194,6 +197,7 @@ def build_one(
     output_dir: Path,
     cache_dir: Path | None,
     uuid_seed: str,
+    remote: RemoteCache | None = None,
 ) -> ImageResult:
     """Build one image and say how it went; only an interrupt escapes."""
     started = time.monotonic()
@@ -201,6 +205,7 @@ def build_one(
         try:
             ctx = build_image(
                 image, output_dir=output_dir, cache_dir=cache_dir, uuid_seed=uuid_seed,
+                remote=remote,
             )  # fmt: skip
         except ImagesmithError as e:
             log.info(f"imagesmith: error: {e}")
@@ -246,10 +251,11 @@ def build_images(
     cache_dir: Path | None = None,
     uuid_seed: str = "",
     jobs: int = 1,
+    remote: RemoteCache | None = None,
 ) -> list[ImageResult]:
     """Build every image, `jobs` at a time; results in the order given."""
     build = functools.partial(
-        build_one, output_dir=output_dir, cache_dir=cache_dir, uuid_seed=uuid_seed
+        build_one, output_dir=output_dir, cache_dir=cache_dir, uuid_seed=uuid_seed, remote=remote
     )
     if jobs <= 1 or len(images) <= 1:
         return [build(image) for image in images]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagesmith.cache.entries import CacheUse
+from imagesmith.cache.remote import RemoteCache
 from imagesmith.config.layout import DiskLayout
 from imagesmith.config.space import ResolvedImage
 
@@ -21,6 +22,7 @@ class BuildContext:
     output_dir: Path
     cache_dir: Path  # shared by all builds: .debs, stage and initramfs entries
     layout: DiskLayout
+    remote_cache: RemoteCache | None = None  # the registry the package stage is shared through
     timings: dict[str, float] = field(default_factory=dict)
     # Where the disk is assembled: the raw output's temp file when the image
     # has a raw output (no copy), else a file in the workdir.

@@ -28,6 +28,10 @@ class CacheUse:
 
     key: str
     hit: bool
+    # The remote stage cache's part, when one is set: "hit" (pulled), "pushed",
+    # "missed" (a pull-only runner), "not asked" (the local cache had it), or
+    # what went wrong, e.g. "rejected: ..." for an entry that failed a check.
+    remote: str = ""
 
 
 @contextlib.contextmanager

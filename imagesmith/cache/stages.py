@@ -101,10 +101,14 @@ def locked(cache_dir: Path, key: str) -> contextlib.AbstractContextManager[None]
     return entries.locked(stages_dir(cache_dir), key)
 
 
+def has_entry(cache_dir: Path, key: str) -> bool:
+    return (entry_dir(cache_dir, key) / TREE_FILE).is_file()
+
+
 def restore_tree(cache_dir: Path, key: str, tree: Path) -> bool:
     """Extract the entry's tree into `tree` (which must not exist); False on a miss."""
     entry = entry_dir(cache_dir, key)
-    if not (entry / TREE_FILE).is_file():
+    if not has_entry(cache_dir, key):
         return False
     tree.mkdir(mode=0o755)
     run(["tar", "-x", *TAR_OPTIONS, "-f", os.fspath(entry / TREE_FILE), "-C", os.fspath(tree)],

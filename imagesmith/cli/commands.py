@@ -14,6 +14,7 @@ from typing import Any
 from imagesmith.build import ImageResult, build_images, default_cache_dir
 from imagesmith.cache import admin as cacheadmin
 from imagesmith.cache.keys import hygiene_key
+from imagesmith.cache.remote import RemoteEntry, finalize_remote, list_remote
 from imagesmith.config.settings import format_size, parse_size
 from imagesmith.config.space import ResolvedImage, load_config_space, resolve_image
 from imagesmith.errors import ConfigError
@@ -23,6 +24,7 @@ from imagesmith.inspect.qemu import boot_interactive
 from imagesmith.inspect.summary import print_summary
 from imagesmith.inspect.verify import verify_image_file
 from imagesmith.inspect.vmtest import test_image, write_report
+from imagesmith.plan import format_plan, plan_entries
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,6 +73,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         uuid_seed=args.uuid_seed or "",
         jobs=args.jobs,
+        remote=finalize_remote(
+            args.cache_remote,
+            pull_only=args.cache_remote_pull_only,
+            insecure=args.cache_remote_insecure,
+        ),
     )
     print(format_results(results), flush=True)
     failed = [r for r in results if not r.ok]
@@ -85,6 +92,21 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     for image in resolve_requested(args):
         print_summary(image)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    entries = plan_entries(resolve_requested(args), with_index=args.index)
+    print(
+        format_plan(
+            entries,
+            args.format,
+            config_space=str(args.config_space),
+            output_dir=args.output,
+            job_template=args.job_template,
+            with_index=args.index,
+        )
+    )
     return 0
 
 
@@ -141,7 +163,25 @@ def cmd_lint(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def format_remote_entries(entries: list[RemoteEntry]) -> str:
+    lines = [f"{'KEY':<34} {'SIZE':>10} {'CREATED':<20} IMAGE"]
+    for e in entries:
+        lines.append(f"{e.key:<34} {format_size(e.size):>10} {e.created:<20} {e.image}")
+    return "\n".join(lines)
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
+    if args.remote:
+        if args.action != "list":
+            raise ConfigError(
+                "cache prune --remote: prune a registry with its own garbage collection",
+                hint="see docs/scale-out.md",
+            )
+        remote = finalize_remote(args.remote, insecure=args.cache_remote_insecure)
+        assert remote is not None
+        print(f"remote stage cache {remote.ref}")
+        print(format_remote_entries(list_remote(remote)))
+        return 0
     cache_dir = args.cache_dir or default_cache_dir()
     if args.action == "list":
         print(f"cache directory {cache_dir}")

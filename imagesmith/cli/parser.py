@@ -7,6 +7,7 @@ from pathlib import Path
 
 from imagesmith import __version__
 from imagesmith.cli import commands
+from imagesmith.plan import FORMATS, GITLAB_TEMPLATE_JOB
 
 
 def add_config_space_arg(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +38,24 @@ def add_firmware_arg(parser: argparse.ArgumentParser) -> None:
         help="boot under UEFI (OVMF) or a PC BIOS (SeaBIOS); default: what the image's "
         "manifest (IMAGE.manifest.json beside it) records, the first of both for a hybrid "
         "image, else uefi",
+    )  # fmt: skip
+
+
+def add_remote_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-remote", metavar="REF",
+        help="share package stages through this OCI registry repository "
+        "(HOST[:PORT]/REPOSITORY; default $IMAGESMITH_CACHE_REMOTE): pull a missing stage "
+        "from it, push a stage built here (docs/scale-out.md)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cache-remote-pull-only", action="store_true",
+        help="never push to the remote stage cache (also $IMAGESMITH_CACHE_REMOTE_MODE=pull)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cache-remote-insecure", action="store_true",
+        help="talk to the registry over plain HTTP or unverified TLS "
+        "(also $IMAGESMITH_CACHE_REMOTE_INSECURE=1); for a registry on loopback",
     )  # fmt: skip
 
 
@@ -73,6 +92,7 @@ def add_build_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="build up to N images at once (default 1); images with the same packages "
         "install them once either way",
     )  # fmt: skip
+    add_remote_args(build)
     build.set_defaults(func=commands.cmd_build)
 
 
@@ -237,7 +257,52 @@ def add_cache_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -
     cache.add_argument(
         "--all", action="store_true", help="prune: remove everything, .debs included"
     )
+    cache.add_argument(
+        "--remote", metavar="REF",
+        help="list: the entries of this remote stage cache (HOST[:PORT]/REPOSITORY) instead; "
+        "prune remote entries with the registry's own garbage collection (docs/scale-out.md)",
+    )  # fmt: skip
+    cache.add_argument(
+        "--cache-remote-insecure", action="store_true",
+        help="with --remote: plain HTTP or unverified TLS",
+    )  # fmt: skip
     cache.set_defaults(func=commands.cmd_cache)
+
+
+def add_plan_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    plan = verbs.add_parser(
+        "plan",
+        help="print a build plan for a CI system, building nothing",
+        description="One entry per image: its target, outputs, package-stage key and the "
+        "images that share it. In each group of images with one key, the first builds the "
+        "stage and the others wait for it (a `needs:`) and take it from the remote stage "
+        "cache. The key is computed without the archive's index state unless --index is "
+        "given. --format gitlab prints a child pipeline, --format github a strategy.matrix "
+        "pair for fromJSON (docs/scale-out.md).",
+    )
+    add_config_space_arg(plan)
+    plan.add_argument(
+        "images", nargs="*", metavar="IMAGE",
+        help="image name(s) from imagesmith.toml (default: its default_image)",
+    )  # fmt: skip
+    plan.add_argument(
+        "-a", "--all", action="store_true", help="every image of the config space",
+    )  # fmt: skip
+    plan.add_argument("--format", choices=FORMATS, default="json", help="default json")
+    plan.add_argument(
+        "--index", action="store_true",
+        help="fetch every repository's index state (network) for the exact stage keys",
+    )  # fmt: skip
+    plan.add_argument(
+        "-o", "--output", default="out", metavar="DIR",
+        help="gitlab: the jobs' output directory, kept as artifacts (default: out)",
+    )  # fmt: skip
+    plan.add_argument(
+        "--job-template", default="", metavar="FILE",
+        help=f"gitlab: include FILE (in the repository) and let every job extend its "
+        f"{GITLAB_TEMPLATE_JOB} job (runner tags, image, before_script)",
+    )  # fmt: skip
+    plan.set_defaults(func=commands.cmd_plan, filesystem=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     add_build_verb(verbs)
     add_summary_verb(verbs)
+    add_plan_verb(verbs)
     add_boot_verb(verbs)
     add_test_verb(verbs)
     add_verify_verb(verbs)

@@ -250,7 +250,7 @@ def resolve_image(
     if target == "disk" and settings.network == "none" and merged.interfaces:
         declared = ", ".join(i.name for i in merged.interfaces)
         raise ConfigError(
-            f"{where}: network = \"none\" configures no interface, but classes declare "
+            f'{where}: network = "none" configures no interface, but classes declare '
             f"[[interfaces]] {declared}",
             hint='set network = "networkd" or "networkmanager", or drop the [[interfaces]]',
         )

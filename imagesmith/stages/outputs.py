@@ -184,7 +184,7 @@ def manifest_data(ctx: BuildContext, outputs: dict[str, Path]) -> dict[str, Any]
             "secret_hmac_sha256": [secret_digest(s, key) for s in ctx.secrets],
         },
         "caches": {
-            name: dataclasses.asdict(use)
+            name: {k: v for k, v in dataclasses.asdict(use).items() if k != "remote" or v}
             for name, use in (
                 ("stage_cache", ctx.stage_cache),
                 ("initramfs_cache", ctx.initramfs_cache),
