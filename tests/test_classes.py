@@ -355,3 +355,22 @@ def test_builtin_unit_links_are_symlinks() -> None:
     for link in system:
         assert link.is_symlink(), f"{link} is not a symlink"
     assert str(system[0].readlink()) == "/dev/null"
+
+
+def test_recommends_follow_the_last_class_that_installs_a_package(tmp_path: Path) -> None:
+    from imagesmith.config.classes import merge_classes
+
+    desktop = tmp_path / "classes/desktop"
+    desktop.mkdir(parents=True)
+    (desktop / "class.toml").write_text(
+        '[packages]\ninstall = ["sddm", "konsole"]\nrecommends = true\n'
+    )
+    server = tmp_path / "classes/server"
+    server.mkdir(parents=True)
+    (server / "class.toml").write_text('[packages]\ninstall = ["konsole", "less"]\n')
+    merged = merge_classes((load_class(desktop, builtin=False), load_class(server, builtin=False)))
+    assert merged.packages == ("sddm", "konsole", "less")
+    assert merged.recommends == ("sddm",)
+    (server / "class.toml").write_text('[packages]\nrecommends = "yes"\n')
+    with pytest.raises(ConfigError, match="expected true or false"):
+        load_class(server, builtin=False)

@@ -79,6 +79,7 @@ def stage_key_inputs(
         ),
         "index": dict(sorted(index_state.items())),
         "packages": sorted(image.packages),
+        "recommends": sorted(image.recommends),
         "debconf": image.debconf,
     }
 

@@ -55,7 +55,7 @@ CLASS_KEYS = {
     "users", "interfaces",
 }  # fmt: skip
 WAIVER_KEYS = {"finding", "reason"}
-PACKAGES_KEYS = {"install", "remove"}
+PACKAGES_KEYS = {"install", "remove", "recommends"}
 
 CLASS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -69,6 +69,9 @@ class ClassDef:
     extend: bool = False
     targets: tuple[str, ...] = ()  # empty: as the class it extends, else every target
     install: tuple[str, ...] = ()
+    # apt installs this class's packages with their Recommends (FAI's
+    # `install` against `install-norec`); off by default.
+    recommends: bool = False
     remove: tuple[str, ...] = ()
     repositories: tuple[dict[str, Any], ...] = ()
     settings: dict[str, Any] = field(default_factory=dict)
@@ -168,7 +171,7 @@ def load_class(path: Path, *, builtin: bool, space: Path | None = None) -> Class
 
     check_keys(data, CLASS_KEYS, where, hint=f"allowed keys: {', '.join(sorted(CLASS_KEYS))}")
     description, extend, targets = _check_class_header(data, where)
-    install, remove = _check_package_table(data, where)
+    install, remove, recommends = _check_package_table(data, where)
     repositories = data.get("repositories", [])
     if not isinstance(repositories, list):
         raise ConfigError(f"{where('repositories')}: use [[repositories]] tables")
@@ -187,6 +190,7 @@ def load_class(path: Path, *, builtin: bool, space: Path | None = None) -> Class
         extend=extend,
         targets=targets,
         install=install,
+        recommends=recommends,
         remove=remove,
         repositories=tuple(
             check_repository(r, f"{class_file} [[repositories]] #{i + 1}", space=space)
@@ -246,8 +250,8 @@ def _check_class_header(data: dict[str, Any], where: Locate) -> tuple[str, bool,
 
 def _check_package_table(
     data: dict[str, Any], where: Locate
-) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(install, remove) of the [packages] table."""
+) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    """(install, remove, recommends) of the [packages] table."""
     packages = data.get("packages", {})
     if not isinstance(packages, dict):
         raise ConfigError(f"{where('packages')}: [packages] must be a table")
@@ -256,11 +260,14 @@ def _check_package_table(
         PACKAGES_KEYS,
         lambda key: where(key, "packages"),
         context=" in [packages]",
-        hint="use `install` and `remove`",
+        hint="use `install`, `remove` and `recommends`",
     )
     install = _check_packages(packages.get("install", []), where("install", "packages"))
     remove = _check_packages(packages.get("remove", []), where("remove", "packages"))
-    return install, remove
+    recommends = packages.get("recommends", False)
+    if not isinstance(recommends, bool):
+        raise ConfigError(f"{where('recommends', 'packages')}: expected true or false")
+    return install, remove, recommends
 
 
 def _check_packages(value: object, where: str) -> tuple[str, ...]:
@@ -306,6 +313,7 @@ def _find_scripts(scripts_dir: Path) -> tuple[Path, ...]:
 @dataclass(frozen=True)
 class MergedClasses:
     packages: tuple[str, ...]
+    recommends: tuple[str, ...]  # those of `packages` to install with their Recommends
     remove_packages: tuple[str, ...]
     repositories: tuple[dict[str, Any], ...]
     settings_layers: tuple[dict[str, Any], ...]
@@ -323,6 +331,7 @@ def class_layers(classes: tuple[ClassDef, ...]) -> list[ClassDef]:
 def merge_classes(classes: tuple[ClassDef, ...]) -> MergedClasses:
     """Apply the merge rules over the classes, in order (last class wins)."""
     install: dict[str, str] = {}  # package name -> spec, in first-seen order
+    with_recommends: dict[str, bool] = {}  # as the last class that installs it says
     remove: dict[str, None] = {}
     repositories: dict[str, dict[str, Any]] = {}
     layers = []
@@ -332,6 +341,7 @@ def merge_classes(classes: tuple[ClassDef, ...]) -> MergedClasses:
     for cls in applied:
         for spec in cls.install:
             install[package_name(spec)] = spec
+            with_recommends[package_name(spec)] = cls.recommends
             remove.pop(package_name(spec), None)
         for spec in cls.remove:
             install.pop(package_name(spec), None)
@@ -345,6 +355,7 @@ def merge_classes(classes: tuple[ClassDef, ...]) -> MergedClasses:
             waivers[finding] = (reason, cls.name)
     return MergedClasses(
         packages=tuple(install.values()),
+        recommends=tuple(spec for name, spec in install.items() if with_recommends[name]),
         remove_packages=tuple(remove),
         repositories=tuple(repositories.values()),
         settings_layers=tuple(layers),

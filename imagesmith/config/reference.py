@@ -116,13 +116,14 @@ targets = ["disk", "container"]   # default: every target
 [packages]
 install = ["openssh-server", "less"]
 remove = ["nano"]         # drops an earlier class's install, or purges it
+recommends = false        # true: install this class's packages with their Recommends
 
 [[repositories]]          # extra apt repositories, one table each
 name = "vendor"
 uri = "https://apt.vendor.example/debian"
 suites = ["trixie"]       # default: the image's suite
 components = ["main"]     # default: ["main"]
-signed_by = "/etc/imagesmith/keys/vendor.gpg"   # key file on the build host
+signed_by = "keys/vendor.gpg"   # key file: relative to the config space, or absolute
 ca_cert = "/etc/imagesmith/keys/vendor-ca.crt"  # CA of the server, if private
 client_cert = "/etc/imagesmith/secrets/client.crt"  # or "env:NAME"
 client_key = "env:VENDOR_CLIENT_KEY"                # or a file outside the config space
@@ -138,7 +139,7 @@ password_hash = ""        # a crypt(3) hash; empty: password locked
 sudo = true               # passwordless sudo (installs sudo)
 authorized_keys = ["ssh-ed25519 AAAA... admin@example"]
 
-[[interfaces]]            # static addresses (network = "networkd")
+[[interfaces]]            # static addresses (networkd or NetworkManager)
 name = "enp1s0"           # or a glob like "en*"
 addresses = ["192.0.2.10/24"]
 gateway = "192.0.2.1"
@@ -157,7 +158,17 @@ Secrets (`client_cert`, `client_key`, `auth`) are read at build time from
 an absolute path outside the config space or from an environment variable
 (`env:NAME`). They are used by apt during the build and never reach the
 image; the build's hygiene scan checks that. Every ethernet interface without
-a `[[interfaces]]` table of its own gets DHCP.
+a `[[interfaces]]` table of its own gets DHCP. Under `network =
+"networkmanager"` each table becomes a NetworkManager keyfile connection
+(mode 0600); under `network = "none"` a table is a config error.
+
+`recommends = true` installs the class's packages with their Recommends,
+as `apt install` does (FAI's `install` against `install-norec`): a
+desktop class wants the theme, terminal and applets a desktop recommends. It
+is off by default: servers and fleet images stay minimal and every package
+in them is one a class asked for. The packages of such classes go to a
+second apt run in the same package stage, so Recommends are added for the
+packages that run installs, not for ones an earlier class already brought.
 
 | table | keys |
 | --- | --- |

@@ -78,6 +78,8 @@ class ResolvedImage:
     interfaces: tuple[Interface, ...]
     # Classes of the image's list that do not apply to its target.
     skipped_classes: tuple[ClassDef, ...] = ()
+    # Those of `packages` that apt installs with their Recommends.
+    recommends: tuple[str, ...] = ()
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -262,6 +264,7 @@ def resolve_image(
         settings=settings,
         packages=with_implied_packages(merged, settings, target=target),
         remove_packages=merged.remove_packages,
+        recommends=merged.recommends,
         repositories=repositories,
         debconf=merged.debconf,
         waivers=merged.waivers,

@@ -54,6 +54,8 @@ def summary_lines(image: ResolvedImage) -> list[str]:
             value = f"{archive_mirror(image.settings.mirror)} (from the build host's apt sources)"
         lines.append(f"    {setting.name:<18} {value}")
     lines.append(f"  packages ({len(image.packages)}): {' '.join(image.packages)}")
+    if image.recommends:
+        lines.append(f"  with their Recommends: {' '.join(image.recommends)}")
     if image.remove_packages:
         lines.append(f"  removed packages: {' '.join(image.remove_packages)}")
     for repo in image.repositories:

@@ -70,10 +70,24 @@ def cache_out_hook(cache: str) -> str:
     )
 
 
+def recommends_hook(packages: tuple[str, ...]) -> str:
+    """The packages of classes with `recommends = true`, installed by a second
+    apt run in the same mmdebstrap call (as FAI's `install` after
+    `install-norec`): newly installed, they bring their Recommends."""
+    return (
+        'chroot "$1" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q '
+        "--install-recommends -o Dpkg::Options::=--force-confdef "
+        f"-o Dpkg::Options::=--force-confold {shlex.join(packages)}"
+    )
+
+
 def mmdebstrap_argv(ctx: BuildContext, mirror: str, sources: BuildSources) -> list[str]:
     image = ctx.image
     s = image.settings
-    packages = [*image.packages, *(p for p in sources.local_packages if p not in image.packages)]
+    packages = [
+        *(p for p in image.packages if p not in image.recommends),
+        *(p for p in sources.local_packages if p not in image.packages),
+    ]
     argv = [
         "mmdebstrap",
         "--mode=root",
@@ -87,6 +101,7 @@ def mmdebstrap_argv(ctx: BuildContext, mirror: str, sources: BuildSources) -> li
         f"--essential-hook={DIVERT_INITRAMFS}",
         f"--setup-hook={cache_in_hook(str(ctx.deb_cache))}",
         f"--setup-hook={sources.setup_hook()}",
+        *([f"--customize-hook={recommends_hook(image.recommends)}"] if image.recommends else []),
         f"--customize-hook={cache_out_hook(str(ctx.deb_cache))}",
         f"--customize-hook={sources.cleanup_hook()}",
         *(f"--aptopt={option}" for option in sources.aptopts),
