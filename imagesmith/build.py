@@ -63,6 +63,7 @@ STAGES: tuple[tuple[str, Stage, tuple[str, ...]], ...] = (
 )
 
 HOST_TOOLS = ("mmdebstrap", "unshare", "dpkg-query")
+PROVISIONAL_SIZE = 4 * 1024**3
 DISK_TOOLS = ("sfdisk", "mkfs.ext4", "mkfs.vfat", "mcopy")
 OUTPUT_TOOLS = {"qcow2": "qemu-img", "raw.zst": "zstd", "oci": "tar", "tar": "tar"}
 # Build in RAM (tmpfs) when it has this much room: dpkg's fsyncs cost nothing there.
@@ -107,7 +108,8 @@ def plan_image_layout(image: ResolvedImage, *, uuid_seed: str = "") -> DiskLayou
     is given: `uuid_seed` (the command line's) wins over the uuid_seed setting."""
     s = image.settings
     return plan_disk_layout(
-        size=s.size,
+        # size = "auto": a provisional size; assembly sizes the root to the tree.
+        size=s.size or PROVISIONAL_SIZE,
         esp_size=s.esp_size,
         filesystem=s.filesystem,
         architecture=s.architecture,

@@ -193,3 +193,27 @@ def test_check_layout_fits_hint_is_sufficient_when_not_a_whole_unit() -> None:
 def test_disk_size_is_a_whole_number_of_sectors() -> None:
     layout = plan(size=parse_size("1.3GiB", where="size"))
     assert layout.size % 512 == 0
+
+
+def test_a_layout_resized_keeps_its_partitions_and_uuids() -> None:
+    from imagesmith.config.layout import disk_size_for, resized
+
+    layout = plan_disk_layout(
+        size=4 * 1024 * MiB, esp_size=256 * MiB, filesystem="btrfs", architecture="amd64",
+        firmware=("bios", "uefi"), uuids=UuidSource("resize"),
+    )  # fmt: skip
+    need = 3000 * MiB
+    small = resized(layout, disk_size_for(layout, need))
+    assert small.root.size >= need and small.root.size - need < 2 * MiB
+    assert small.size % MiB == 0 and small.size < layout.size
+    assert [p.uuid for p in small.partitions] == [p.uuid for p in layout.partitions]
+    assert small.partitions[:-1] == layout.partitions[:-1]
+    assert small.root.end <= small.size - 33 * 512
+
+
+def test_size_auto_is_accepted_for_the_disk_only() -> None:
+    from imagesmith.config.settings import AUTO_SIZE, check_setting
+
+    assert check_setting("size", "auto", where="w") == AUTO_SIZE
+    with pytest.raises(ConfigError):
+        check_setting("esp_size", "auto", where="w")

@@ -8,9 +8,10 @@ from typing import Any
 
 from tests.conftest import EXAMPLES, imagesmith
 
-# The example space: the four disk images install the same packages, the
-# container image its own (no kernel, no boot loader).
+# The example space: the four server disk images install the same packages;
+# the desktop and the container image (no kernel, no boot loader) their own.
 DISK_IMAGES = ["server", "server-btrfs", "legacy", "hybrid"]
+OWN_STAGE = ["desktop", "container"]
 GITLAB_KEYWORDS = {"stages", "include", "default", "variables", "workflow", "image"}
 
 
@@ -34,7 +35,7 @@ def test_json_plan_groups_images_by_package_stage() -> None:
     data = json.loads(plan("--all"))
     assert data["stage_key"] == "without index state"
     entries = {e["name"]: e for e in data["images"]}
-    assert list(entries) == [*DISK_IMAGES, "container"]
+    assert list(entries) == [*DISK_IMAGES, *OWN_STAGE]
     server = entries["server"]
     assert server["target"] == "disk" and server["builds_stage"] and server["needs"] == []
     assert server["outputs"] == ["server.raw", "server.qcow2", "server.manifest.json"]
@@ -67,7 +68,7 @@ def test_gitlab_child_pipeline_has_what_gitlab_requires() -> None:
     stages = pipeline["stages"]
     assert isinstance(stages, list) and all(isinstance(s, str) for s in stages)
     jobs = {name: job for name, job in pipeline.items() if name not in GITLAB_KEYWORDS}
-    assert sorted(jobs) == sorted(f"build:{n}" for n in [*DISK_IMAGES, "container"])
+    assert sorted(jobs) == sorted(f"build:{n}" for n in [*DISK_IMAGES, *OWN_STAGE])
     for name, job in jobs.items():
         assert not name.startswith("."), "a hidden job never runs"
         assert job["extends"] == ".imagesmith-build"
@@ -101,7 +102,7 @@ def test_github_matrix_has_what_fromjson_and_strategy_need() -> None:
             assert all(isinstance(k, str) and isinstance(v, str) for k, v in row.items())
             assert {"image", "target", "outputs", "stage_key", "needs"} <= set(row)
     first = [r["image"] for r in data["first"]["include"]]
-    assert first == ["server", "container"]
+    assert first == ["server", *OWN_STAGE]
     assert [r["image"] for r in data["then"]["include"]] == DISK_IMAGES[1:]
     assert all(r["needs"] in first for r in data["then"]["include"])
 

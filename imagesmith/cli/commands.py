@@ -117,7 +117,16 @@ def cmd_boot(args: argparse.Namespace) -> int:
         snapshot=args.snapshot,
         ssh_port=args.ssh_port,
         firmware=args.firmware,
+        display=check_display(args.display),
     )
+
+
+def check_display(display: str | None) -> str:
+    if display is None:
+        return ""
+    if display == "window" or re.fullmatch(r"vnc:\d{1,2}", display):
+        return display
+    raise ConfigError(f"--display {display!r}: expected window or vnc:N (N from 0 to 99)")
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -129,6 +138,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         in_place=args.in_place,
         console_log=args.console_log,
         firmware=args.firmware,
+        screenshot=args.screenshot,
     )
     if args.report is not None:
         write_report(result, args.report)

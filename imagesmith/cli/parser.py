@@ -119,6 +119,12 @@ def add_boot_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--snapshot", action="store_true", help="discard the guest's writes to the disk"
     )
     boot.add_argument(
+        "--display",
+        metavar="WHERE",
+        help='give the guest a screen: "window" (QEMU\'s window) or "vnc:N" (VNC display N '
+        "on 127.0.0.1, port 5900+N)",
+    )
+    boot.add_argument(
         "--ssh-port",
         type=int,
         metavar="PORT",
@@ -156,6 +162,13 @@ def add_test_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     test.add_argument(
         "--console-log", type=Path, metavar="FILE", help="keep the serial console log here"
+    )
+    test.add_argument(
+        "--screenshot",
+        type=Path,
+        metavar="FILE",
+        help="give the guest a display (and at least 4 GiB), check that the display manager "
+        "and its greeter run, and save a PNG of the screen here; a blank screen fails",
     )
     test.add_argument(
         "--report",

@@ -26,10 +26,11 @@ nothing to do.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 
-from imagesmith.config.settings import ImageSettings, MiB, format_size
+from imagesmith.config.settings import AUTO_SIZE, ImageSettings, MiB, format_size
 from imagesmith.errors import ConfigError
 
 SECTOR = 512
@@ -118,6 +119,8 @@ def check_layout_fits(settings: ImageSettings, *, where: str) -> None:
             f"{where}: esp_size {format_size(settings.esp_size)} is below the "
             f"minimum {format_size(MIN_ESP_SIZE)}"
         )
+    if settings.size == AUTO_SIZE:
+        return  # sized from the tree at assembly
     root = root_partition_size(settings.size, settings.esp_size, firmware=firmware)
     if root < MIN_ROOT_SIZE:
         need = settings.size - root + MIN_ROOT_SIZE
@@ -198,6 +201,21 @@ def plan_disk_layout(
         label="root",
     )
     return DiskLayout(size=size, disk_uuid=uuids.next(), partitions=(*partitions, root))
+
+
+def disk_size_for(layout: DiskLayout, root_size: int) -> int:
+    """The disk size whose root partition holds at least `root_size` bytes."""
+    boot_end = layout.root.start
+    return align_up(boot_end + align_up(root_size, END_ALIGN) + GPT_BACKUP_SIZE)
+
+
+def resized(layout: DiskLayout, size: int) -> DiskLayout:
+    """The same partitions and UUIDs on a disk of `size` bytes: only the root,
+    the last partition, changes size."""
+    size = align_up(size)
+    root_end = align_down(size - GPT_BACKUP_SIZE, END_ALIGN)
+    root = dataclasses.replace(layout.root, size=root_end - layout.root.start)
+    return dataclasses.replace(layout, size=size, partitions=(*layout.partitions[:-1], root))
 
 
 class UuidSource:

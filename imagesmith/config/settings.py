@@ -38,6 +38,11 @@ def parse_size(value: object, *, where: str) -> int:
     return number
 
 
+# `size = "auto"`: the disk is sized from the tree at assembly (0 stands for it).
+AUTO_SIZE = 0
+AUTO_HEADROOM = 512 * MiB
+
+
 def format_size(number: int) -> str:
     """Human-readable size: '2GiB', '1.53GiB', '300MiB'."""
     for unit, factor in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
@@ -81,7 +86,14 @@ SETTINGS: tuple[Setting, ...] = (
         "Archive URI for the suite. Empty: taken from the build host's apt sources.",
     ),
     Setting("components", "list", ["main"], "Archive components to use from the mirror."),
-    Setting("size", "size", "2GiB", "Size of the disk image (raw images are sparse)."),
+    Setting(
+        "size",
+        "size",
+        "2GiB",
+        'Size of the disk image (raw images are sparse), or "auto": what the root tree '
+        "holds, plus filesystem overhead and 512MiB free; growth on first boot "
+        "makes it the size of whatever disk it lands on.",
+    ),
     Setting("esp_size", "size", "256MiB", "Size of the EFI system partition."),
     Setting("filesystem", "choice", "ext4", "Root filesystem.", choices=FILESYSTEMS, cli=True),
     Setting(
@@ -264,7 +276,11 @@ def check_setting(name: str, value: object, *, where: str) -> Any:
     checkers: dict[str, Callable[[], Any]] = {
         "str": lambda: _check_str(setting, value, where),
         "bool": lambda: _expect(isinstance(value, bool), value, "true or false", where),
-        "size": lambda: parse_size(value, where=where),
+        "size": lambda: (
+            AUTO_SIZE
+            if setting.name == "size" and value == "auto"
+            else parse_size(value, where=where)
+        ),
         "list": lambda: [_check_str(setting, v, where) for v in _check_str_list(value, where)],
         "choice": lambda: _check_choice(setting, value, where),
         "choicelist": lambda: [

@@ -143,6 +143,8 @@ def qemu_argv(
     smbios: list[str] = [],  # noqa: B006 - never mutated
     forwards: dict[int, int] | None = None,  # host port on 127.0.0.1 -> guest TCP port
     firmware_log: Path | None = None,
+    display: str = "",
+    qmp: Path | None = None,
 ) -> list[str]:
     """Without firmware_code, QEMU boots its default PC BIOS (SeaBIOS).
 
@@ -166,8 +168,10 @@ def qemu_argv(
     argv += [
         "-drive", f"file={disk},format={disk_fmt},if=virtio",
         "-nic", nic,
-        "-display", "none", "-vga", "none",
+        *display_argv(display),
     ]  # fmt: skip
+    if qmp is not None:
+        argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
     if firmware_log is not None:
         argv += [
             "-chardev", f"file,id=firmware-log,path={firmware_log}",
@@ -178,6 +182,18 @@ def qemu_argv(
     for value in smbios:
         argv += ["-smbios", f"type=11,value={value}"]
     return argv
+
+
+def display_argv(display: str) -> list[str]:
+    """ "": no display at all; "screen": a standard VGA nobody watches (for
+    screendumps); "vnc:N": VNC display N on 127.0.0.1; "window": QEMU's window."""
+    if not display:
+        return ["-display", "none", "-vga", "none"]
+    if display == "screen":
+        return ["-display", "none", "-vga", "std"]
+    if display.startswith("vnc:"):
+        return ["-display", f"vnc=127.0.0.1:{display.removeprefix('vnc:')}", "-vga", "std"]
+    return ["-vga", "std"]
 
 
 @dataclass
@@ -232,6 +248,7 @@ def boot_interactive(
     snapshot: bool,
     ssh_port: int | None = None,
     firmware: str | None = None,
+    display: str = "",
 ) -> int:
     require_tools("qemu-system-x86_64", "qemu-img")
     firmware = pick_firmware(image, firmware)
@@ -242,6 +259,7 @@ def boot_interactive(
                 disk=vm.disk, disk_fmt=vm.disk_fmt, firmware_code=vm.firmware_code,
                 firmware_vars=vm.firmware_vars, accel=accel, memory=memory,
                 serial=["mon:stdio"], forwards={ssh_port: 22} if ssh_port else None,
+                display=display,
             )  # fmt: skip
             log.info(f"booting {image} under {firmware}, {accel} (Ctrl-A X quits QEMU)")
             log.debug(format_command(argv))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imagesmith.config.layout import plan_disk_layout
-from imagesmith.config.settings import SETTINGS, format_size, redacted
+from imagesmith.config.settings import AUTO_SIZE, SETTINGS, format_size, redacted
 from imagesmith.config.space import ResolvedImage
 from imagesmith.formats import output_path
 from imagesmith.host.aptsources import archive_mirror
@@ -42,7 +42,9 @@ def summary_lines(image: ResolvedImage) -> list[str]:
         if only_for and only_for != target:
             continue
         value = redacted(setting.name, getattr(s, setting.name))
-        if setting.kind == "size":
+        if setting.name == "size" and value == AUTO_SIZE:
+            value = "auto (the tree's content plus headroom)"
+        elif setting.kind == "size":
             value = format_size(value)
         elif isinstance(value, bool):
             value = "true" if value else "false"
@@ -62,13 +64,13 @@ def summary_lines(image: ResolvedImage) -> list[str]:
         lines.append(f"  repository {repo.name}: {repo.uri} {' '.join(repo.suites)}")
     if target == "disk":
         layout = plan_disk_layout(
-            size=s.size,
+            size=s.size or 4 * 1024**3,
             esp_size=s.esp_size,
             filesystem=s.filesystem,
             architecture=s.architecture,
             firmware=s.boot_firmware,
         )
-        lines.append(f"  disk: GPT, {format_size(s.size)}")
+        lines.append(f"  disk: GPT, {format_size(s.size) if s.size else 'sized at assembly'}")
         for p in layout.partitions:
             lines.append(
                 f"    {p.number}  {p.name:<5} {p.filesystem or '-':<6} "

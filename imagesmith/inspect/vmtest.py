@@ -49,8 +49,11 @@ from imagesmith.inspect.qemu import (
     qemu_argv,
     vm_scratch,
 )
+from imagesmith.inspect.screen import MIN_COLOURS, distinct_colours, screendump
 
 GUEST_DIR = Path(__file__).parent.parent / "data" / "guest"
+# A desktop needs room: Plasma under TCG with 1 GiB swaps itself to a halt.
+GRAPHICAL_MEMORY = 4096
 CHECK_UNIT = """\
 [Unit]
 Description=imagesmith test checks
@@ -106,15 +109,18 @@ class TestResult:
         return "\n".join(lines)
 
 
-def checks_payload(nonce: str, checks_dir: Path | None) -> bytes:
-    """tar.gz of the runner, the nonce and the user's check scripts."""
+def checks_payload(nonce: str, checks_dir: Path | None, *, graphical: bool = False) -> bytes:
+    """tar.gz of the runner, the nonce, the user's check scripts, and a
+    `graphical` flag file that turns on the display manager checks."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(GUEST_DIR / "run-checks", arcname="run-checks")
-        data = nonce.encode()
-        info = tarfile.TarInfo("nonce")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+        for name, data in (("nonce", nonce.encode()), ("graphical", b"1" if graphical else b"")):
+            if not data:
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
         if checks_dir is not None:
             if not checks_dir.is_dir():
                 raise ConfigError(f"{checks_dir}: --checks must be a directory")
@@ -142,14 +148,21 @@ def test_image(
     in_place: bool = False,
     console_log: Path | None = None,
     firmware: str | None = None,
+    screenshot: Path | None = None,
 ) -> TestResult:
+    """Boot and check; with `screenshot`, the guest gets a display, the
+    display manager and its greeter are checked, and a PNG of the screen is
+    saved there once the checks are done."""
     require_tools("qemu-system-x86_64", "qemu-img")
     firmware = pick_firmware(image, firmware)
     nonce = secrets.token_hex(8)
+    graphical = screenshot is not None
+    if graphical:
+        memory = max(memory, GRAPHICAL_MEMORY)
     smbios = [
         credential("systemd.extra-unit.imagesmith-check.service", CHECK_UNIT.encode()),
         credential("systemd.unit-dropin.multi-user.target", CHECK_DROPIN.encode()),
-        credential("imagesmith.checks", checks_payload(nonce, checks_dir)),
+        credential("imagesmith.checks", checks_payload(nonce, checks_dir, graphical=graphical)),
     ]
     started = time.monotonic()
     accel, vcpus = pick_accel(firmware), VCPUS
@@ -163,13 +176,15 @@ def test_image(
                 disk=vm.disk, disk_fmt=vm.disk_fmt, firmware_code=vm.firmware_code,
                 firmware_vars=vm.firmware_vars, accel=accel, memory=memory, vcpus=vcpus,
                 serial=[f"file:{console}", f"file:{report}"], smbios=smbios,
-                firmware_log=firmware_log,
+                firmware_log=firmware_log, display="screen" if graphical else "",
+                qmp=scratch / "qmp.sock" if graphical else None,
             )  # fmt: skip
             log.info(f"testing {image} under QEMU ({firmware}, {accel}), timeout {timeout}s")
             result = watch_vm(
                 argv, console, report, nonce, timeout, scratch,
                 kvm=accel == "kvm", firmware_log=firmware_log,
                 tcg_race=accel == "tcg" and vcpus > 1,
+                screenshot=scratch / "screen.png" if graphical else None,
             )  # fmt: skip
             if result == "kvm-failed" and accel == "kvm":
                 why = KVM_FAILURE.search(read_text(scratch / "qemu.err"))
@@ -188,7 +203,24 @@ def test_image(
                 continue
             if console_log is not None:
                 shutil.copyfile(console, console_log)
-            return test_result(image, result, nonce, scratch, started, accel, firmware, timeout)
+            test = test_result(image, result, nonce, scratch, started, accel, firmware, timeout)
+            if screenshot is not None:
+                keep_screenshot(test, scratch / "screen.png", screenshot)
+            return test
+
+
+def keep_screenshot(test: TestResult, taken: Path, target: Path) -> None:
+    """Save the PNG; a screen with too few colours to be a greeter fails the test."""
+    if not taken.is_file():
+        test.passed = False
+        test.details.append("  no screenshot: the guest never finished its checks")
+        return
+    shutil.copyfile(taken, target)
+    colours = distinct_colours(taken)
+    test.details.append(f"  screenshot {target}: {colours} distinct colours")
+    if colours < MIN_COLOURS:
+        test.passed = False
+        test.reason = f"the screen is (nearly) blank: {colours} colours"
 
 
 def test_result(
@@ -236,6 +268,7 @@ def watch_vm(
     kvm: bool,
     firmware_log: Path | None = None,
     tcg_race: bool = False,
+    screenshot: Path | None = None,
 ) -> str:
     """Run QEMU until the guest reports, QEMU exits, or the timeout.
 
@@ -261,6 +294,8 @@ def watch_vm(
             while True:
                 exited = proc.poll() is not None  # before reading: no output lost
                 if parse_report(read_text(report), nonce):
+                    if screenshot is not None and not exited:
+                        screendump(scratch / "qmp.sock", screenshot)
                     return "done"
                 text = read_text(console)
                 if UNIT_FAILED in text:

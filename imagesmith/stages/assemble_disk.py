@@ -16,7 +16,9 @@ No loop devices, no partition device nodes, no device-mapper, no mounts.
 
 from __future__ import annotations
 
-from imagesmith.config.settings import format_size
+from imagesmith import log
+from imagesmith.config.layout import disk_size_for, resized
+from imagesmith.config.settings import AUTO_HEADROOM, AUTO_SIZE, format_size
 from imagesmith.context import BuildContext
 from imagesmith.disk.biosboot import install_bios_boot
 from imagesmith.disk.filesystems import make_btrfs, make_esp, make_ext4, tree_size
@@ -29,8 +31,16 @@ FS_FIXED_OVERHEAD = 96 * 1024 * 1024
 
 
 def check_tree_fits(ctx: BuildContext) -> None:
+    """Fail before any writing when the tree does not fit; with size =
+    "auto", size the disk to the tree instead."""
     used = tree_size(ctx.tree)
     need = int(used * FS_OVERHEAD) + FS_FIXED_OVERHEAD
+    if ctx.image.settings.size == AUTO_SIZE:
+        ctx.layout = resized(ctx.layout, disk_size_for(ctx.layout, need + AUTO_HEADROOM))
+        log.info(
+            f"    size auto: {format_size(used)} of files, a {format_size(ctx.layout.size)} disk"
+        )
+        return
     have = ctx.layout.root.size
     if need > have:
         shortfall = need - have
