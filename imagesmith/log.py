@@ -83,6 +83,7 @@ class _Spinner(threading.Thread):
     def __init__(self, label: str) -> None:
         super().__init__(daemon=True)
         self.label = label
+        self.detail = ""  # what progress() last said
         self.stop = threading.Event()
         self.started = time.monotonic()
 
@@ -91,10 +92,28 @@ class _Spinner(threading.Thread):
         n = 0
         while not self.stop.wait(0.25):
             elapsed = time.monotonic() - self.started
+            detail = f"  {self.detail}" if self.detail else ""
             with _spinner_lock:
-                sys.stderr.write(f"\r\033[K{frames[n % 4]} {self.label} {elapsed:5.1f}s")
+                sys.stderr.write(f"\r\033[K{frames[n % 4]} {self.label} {elapsed:5.1f}s{detail}")
                 sys.stderr.flush()
             n += 1
+
+
+PROGRESS_STEP = 25  # percent between plain progress lines when there is no spinner
+
+
+def progress(status: str, percent: float) -> None:
+    """How far the current stage's long step is ("installing", 62.5). On a
+    terminal the spinner line shows it; elsewhere a plain line is logged
+    when the step changes and at every PROGRESS_STEP percent."""
+    spinner = getattr(_thread, "spinner", None)
+    if spinner is not None:
+        spinner.detail = f"{status} {percent:3.0f}%"
+        return
+    mark = (status, int(percent // PROGRESS_STEP))
+    if getattr(_thread, "progress_mark", None) != mark:
+        _thread.progress_mark = mark
+        info(f"    {status} {percent:.0f}%")
 
 
 @contextlib.contextmanager
@@ -106,7 +125,9 @@ def stage(name: str, timings: dict[str, float] | None = None) -> Iterator[None]:
     if sys.stderr.isatty() and not _verbose and not _in_worker():
         spinner = _Spinner(name)
         _spinner_active.append(name)
+        _thread.spinner = spinner
         spinner.start()
+    _thread.progress_mark = None
     ok = False
     try:
         yield
@@ -115,6 +136,7 @@ def stage(name: str, timings: dict[str, float] | None = None) -> Iterator[None]:
         if spinner is not None:
             spinner.stop.set()
             spinner.join()
+            _thread.spinner = None
             _clear_spinner()  # while it still counts as active, or nothing is erased
             _spinner_active.remove(name)
         elapsed = time.monotonic() - started

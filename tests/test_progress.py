@@ -62,3 +62,50 @@ def test_the_spinner_is_erased_before_the_stage_says_done() -> None:
     done = [line for line in shown if "bootstrap and packages: done" in line]
     assert len(done) == 1 and done[0].split(" ", 1)[1].startswith("    bootstrap"), shown
     assert not any(line.startswith(("|", "/", "-", "\\")) for line in shown), shown
+
+
+BARS = r"""
+import os, sys
+assert os.isatty(2), "progress bars are drawn on a terminal only"
+for pct in (10.0, 55.5, 100.0):
+    sys.stderr.write(f"\x1b[2Kinstalling:   {pct:6.2f} [####      ]\r")
+sys.stderr.write("\x1b[2Kdone\n")
+print("I: a line that is not progress")
+"""
+
+
+def test_run_hands_progress_bars_over_and_keeps_other_lines() -> None:
+    from imagesmith.host.run import run
+    from imagesmith.stages.bootstrap import report_progress
+
+    seen: list[str] = []
+
+    def progress(line: str) -> bool:
+        seen.append(line)
+        return report_progress(line)
+
+    run([sys.executable, "-c", BARS], progress=progress)
+    assert seen[:4] == [
+        "installing:    10.00 [####      ]",
+        "installing:    55.50 [####      ]",
+        "installing:   100.00 [####      ]",
+        "done",
+    ]
+    assert seen[-1] == "I: a line that is not progress"
+
+
+def test_without_a_terminal_progress_is_a_few_plain_lines(capsys: object) -> None:
+    from imagesmith import log
+
+    with log.stage("bootstrap and packages"):
+        for pct in range(0, 101, 5):
+            log.progress("installing", float(pct))
+    err = capsys.readouterr().err  # type: ignore[attr-defined]
+    lines = [line.split(" ", 1)[1] for line in err.splitlines() if "installing" in line]
+    assert lines == [
+        "    installing 0%",
+        "    installing 25%",
+        "    installing 50%",
+        "    installing 75%",
+        "    installing 100%",
+    ]

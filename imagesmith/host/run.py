@@ -9,14 +9,18 @@ Ctrl-C the child gets SIGTERM, then SIGKILL.
 from __future__ import annotations
 
 import collections
+import fcntl
 import os
+import re
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
+import termios
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,31 +49,51 @@ def run(
     interactive: bool = False,
     check: bool = True,
     what: str = "",
+    progress: Callable[[str], bool] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a command; raise BuildError naming `what` (or the command) on failure.
 
     With `capture`, stdout is returned and stderr is kept for errors. Without
     it, stdout and stderr are merged, shown in verbose mode and their tail is
     kept for errors. `interactive` hands the terminal to the command.
+    With `progress`, the output goes through a pseudo-terminal, so a tool that
+    draws progress bars only on a terminal (mmdebstrap) does; each line or
+    redrawn bar is handed to `progress` as plain text; the lines it does not
+    take as progress are kept for errors.
     """
     args = [os.fspath(a) for a in argv]
     log.debug(f"$ {format_command(args)}")
     full_env = child_environment(env)
     started = time.monotonic()
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-    if interactive:
-        streams: dict[str, Any] = {"stdin": None, "stdout": None, "stderr": None}
+    terminal = -1
+    if progress is not None:
+        terminal, child_end = pseudo_terminal()
+        streams: dict[str, Any] = {
+            "stdin": subprocess.DEVNULL,
+            "stdout": child_end,
+            "stderr": child_end,
+        }
+    elif interactive:
+        streams = {"stdin": None, "stdout": None, "stderr": None}
     else:
         streams = {
             "stdin": subprocess.PIPE if input is not None else subprocess.DEVNULL,
             "stdout": subprocess.PIPE,
             "stderr": subprocess.PIPE if capture else subprocess.STDOUT,
         }
-    proc = start(args, streams, env=full_env, cwd=cwd)
+    try:
+        proc = start(args, streams, env=full_env, cwd=cwd)
+    finally:
+        if terminal >= 0:
+            os.close(streams["stdout"])
     with _running_lock:
         _running.add(proc)
     try:
-        out, err = communicate(proc, input, tail, capture=capture, interactive=interactive)
+        if terminal >= 0 and progress is not None:
+            out, err = read_terminal(proc, terminal, tail, progress)
+        else:
+            out, err = communicate(proc, input, tail, capture=capture, interactive=interactive)
     except BaseException:
         stop_process(proc)
         raise
@@ -143,6 +167,47 @@ def communicate(
         log.debug(f"    {line}")
     proc.wait()
     writer.join()
+    return b"", b""
+
+
+TERMINAL_COLUMNS = 100
+ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def pseudo_terminal() -> tuple[int, int]:
+    """(our end, the child's end) of a pseudo-terminal TERMINAL_COLUMNS wide."""
+    ours, theirs = os.openpty()
+    fcntl.ioctl(theirs, termios.TIOCSWINSZ, struct.pack("HHHH", 40, TERMINAL_COLUMNS, 0, 0))
+    return ours, theirs
+
+
+def read_terminal(
+    proc: subprocess.Popen[bytes],
+    terminal: int,
+    tail: collections.deque[str],
+    progress: Callable[[str], bool],
+) -> tuple[bytes, bytes]:
+    """Read a child's pseudo-terminal until it closes: every line, and every
+    progress bar redrawn after a \\r, as text without escape sequences."""
+    pending = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # EIO: the child's end is closed
+                break
+            if not chunk:
+                break
+            pending += chunk
+            *pieces, pending = re.split(rb"[\r\n]", pending)
+            for piece in pieces:
+                text = ANSI.sub(b"", piece).decode(errors="replace").strip()
+                if text and not progress(text):
+                    tail.append(text)
+                    log.debug(f"    {text}")
+    finally:
+        os.close(terminal)
+    proc.wait()
     return b"", b""
 
 

@@ -119,6 +119,21 @@ def mmdebstrap_argv(ctx: BuildContext, mirror: str, sources: BuildSources) -> li
     return [*argv, s.suite, str(ctx.tree), mirror_line, *sources.lines]
 
 
+# mmdebstrap's progress bar: "installing:   62.50 [#####.....]", or "done".
+MMDEBSTRAP_PROGRESS = re.compile(r"^([a-z][a-z ]*):\s+(\d+(?:\.\d+)?)\b")
+
+
+def report_progress(line: str) -> bool:
+    """mmdebstrap's progress bars to the stage's progress (see log.progress)."""
+    if line == "done":
+        return True
+    match = MMDEBSTRAP_PROGRESS.match(line)
+    if match is None:
+        return False
+    log.progress(match.group(1), float(match.group(2)))
+    return True
+
+
 def stage_tool_version() -> str:
     """This stage's code and the mmdebstrap script: a new version of either changes the key."""
     mmdebstrap = shutil.which("mmdebstrap") or "mmdebstrap"
@@ -151,7 +166,11 @@ def install_packages(ctx: BuildContext) -> None:
             log.info(f"    stage cache miss {key}")
             log.info(f"    {len(image.packages)} packages from {mirror} ({image.settings.suite})")
             try:
-                run(private_mounts_argv(mmdebstrap_argv(ctx, mirror, sources)), what="mmdebstrap")
+                run(
+                    private_mounts_argv(mmdebstrap_argv(ctx, mirror, sources)),
+                    what="mmdebstrap",
+                    progress=report_progress,
+                )
             except BuildError as e:
                 raise explain_apt_error(ctx, e) from e
             info = {"image": image.name, "inputs": inputs}
