@@ -48,7 +48,7 @@ from imagesmith.errors import BuildError
 from imagesmith.host.paths import resolve_in_root
 from imagesmith.host.run import run
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: entries carry digest.json
 INITRAMFS_DIR = "initramfs"
 IMAGE_FILE = "initrd.img"
 TRACKED_FILE = "tracked.json"

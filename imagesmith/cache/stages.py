@@ -52,6 +52,8 @@ from imagesmith.host.run import run
 STAGES_DIR = "stages"
 ENTRY_FILE = "entry.json"
 TREE_FILE = "root.tar"
+# Part of the key: entries of an older layout (1: no digest.json) are not looked at.
+ENTRY_FORMAT = 2
 # The tree's .debs live in the .deb cache already, and apt rebuilds its own
 # binary caches: neither belongs in an entry.
 TAR_EXCLUDES = ("./var/cache/apt/archives/*.deb", "./var/cache/apt/*.bin")
@@ -69,6 +71,7 @@ def stage_key_inputs(
     s = image.settings
     return {
         "stage": "bootstrap and packages",
+        "format": ENTRY_FORMAT,
         "tool": tool_version,
         "suite": s.suite,
         "architecture": s.architecture,
