@@ -34,8 +34,10 @@ from pathlib import Path
 from imagesmith import log
 from imagesmith.cache import stages as stagecache
 from imagesmith.config.layout import DiskLayout, UuidSource, plan_disk_layout
+from imagesmith.config.settings import format_size
 from imagesmith.config.space import ResolvedImage
 from imagesmith.context import BuildContext
+from imagesmith.disk.sparse import largest_file_problem
 from imagesmith.errors import ConfigError, ImagesmithError
 from imagesmith.formats import output_path, temp_path
 from imagesmith.host.aptsources import archive_mirror
@@ -101,6 +103,21 @@ def check_host(image: ResolvedImage) -> None:
     require_tools(*dict.fromkeys(tools))
 
 
+def check_disk_fits_directory(image: ResolvedImage, directory: Path) -> None:
+    """A disk size the directory the disk file is made in cannot hold fails
+    now, with exit 2, not at assembly after the slow stages."""
+    if image.target != "disk":
+        return
+    problem = largest_file_problem(directory, image.settings.size)
+    if problem:
+        raise ConfigError(
+            f"{image.config_space / 'imagesmith.toml'} [images.{image.name}] size: "
+            f"a {format_size(image.settings.size)} disk: {problem}",
+            hint="set a smaller size (raw images are sparse: size is the disk's length, "
+            "not the space it takes), or build into another directory (-o)",
+        )
+
+
 def plan_image_layout(image: ResolvedImage, *, uuid_seed: str = "") -> DiskLayout:
     """The image's partitions. UUIDs are random for every build unless a seed
     is given: `uuid_seed` (the command line's) wins over the uuid_seed setting."""
@@ -130,6 +147,8 @@ def build_image(
     s = image.settings
     layout = plan_image_layout(image, uuid_seed=uuid_seed)
     parent = pick_workdir_parent(output_dir)
+    # The disk is assembled in the raw output's temp file, else in the workdir.
+    check_disk_fits_directory(image, output_dir if "raw" in s.outputs else parent)
     with contextlib.ExitStack() as cleanup:
         workdir = Path(tempfile.mkdtemp(prefix=f"imagesmith-{image.name}-", dir=parent))
         cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
