@@ -33,6 +33,7 @@ from pathlib import Path
 
 from imagesmith import log
 from imagesmith.cache import stages as stagecache
+from imagesmith.config.classes import class_layers, script_header_problem
 from imagesmith.config.layout import DiskLayout, UuidSource, plan_disk_layout
 from imagesmith.config.settings import format_size
 from imagesmith.config.space import ResolvedImage
@@ -118,6 +119,17 @@ def check_disk_fits_directory(image: ResolvedImage, directory: Path) -> None:
         )
 
 
+def check_class_scripts(image: ResolvedImage) -> None:
+    """Refuse what `imagesmith lint` refuses in a script, before any work."""
+    for layer in class_layers(image.classes):
+        for script in layer.scripts:
+            if problem := script_header_problem(script):
+                raise ConfigError(
+                    f"{script}:1: {problem}",
+                    hint="start it with #!/bin/sh and set -eu (imagesmith lint checks every script)",
+                )
+
+
 def plan_image_layout(image: ResolvedImage, *, uuid_seed: str = "") -> DiskLayout:
     """The image's partitions. UUIDs are random for every build unless a seed
     is given: `uuid_seed` (the command line's) wins over the uuid_seed setting."""
@@ -142,6 +154,7 @@ def build_image(
 ) -> BuildContext:
     """Build one image; returns the context (timings, outputs, packages)."""
     check_host(image)
+    check_class_scripts(image)
     output_dir = output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     s = image.settings

@@ -133,6 +133,23 @@ def test_unknown_image_and_summary_errors(config_copy: Path) -> None:
     assert result.returncode == 2 and "not found" in result.stderr
 
 
+def test_build_refuses_a_script_without_shebang_like_lint(
+    config_copy: Path, tmp_path: Path
+) -> None:
+    script = config_copy / "classes/example/scripts/20-no-shebang"
+    write(script, "false\necho carried on\n", 0o755)
+    work = tmp_path / "work"
+    result = imagesmith(
+        "build", "-C", config_copy, "-o", tmp_path / "out", "server",
+        timeout=60, env=isolated_env(work),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"{script}:1: no #! line: the script cannot be executed" in result.stderr
+    assert "==> bootstrap" not in result.stderr and leftovers(work) == []
+    linted = imagesmith("lint", "-C", config_copy, timeout=60)
+    assert f"{script}:1: no #! line: the script cannot be executed" in linted.stdout
+
+
 def add_class(space: Path, name: str, script: str) -> None:
     write(space / "classes" / name / "scripts" / "10-fail", script, 0o755)
     config = space / "imagesmith.toml"

@@ -134,6 +134,8 @@ def cmd_lint(args: argparse.Namespace) -> int:
         f"{len(problems)} problem(s)",
         file=sys.stderr,
     )
+    if resolved < len(space.images):
+        return ConfigError.exit_code
     return 1 if problems else 0
 
 
