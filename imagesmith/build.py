@@ -22,6 +22,7 @@ import concurrent.futures
 import contextlib
 import functools
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -40,8 +41,9 @@ from imagesmith.config.space import ResolvedImage
 from imagesmith.context import BuildContext
 from imagesmith.disk.sparse import largest_file_problem
 from imagesmith.errors import ConfigError, ImagesmithError
-from imagesmith.formats import output_path, temp_path
+from imagesmith.formats import OUTPUT_TEMP_RE, output_path, temp_path
 from imagesmith.host.aptsources import archive_mirror
+from imagesmith.host.leftovers import remove_dead_owners
 from imagesmith.host.run import require_tools, stop_all_processes
 from imagesmith.stages.assemble_container import assemble_container
 from imagesmith.stages.assemble_disk import assemble_disk
@@ -50,6 +52,7 @@ from imagesmith.stages.bootstrap import install_packages
 from imagesmith.stages.customize import customize_tree
 from imagesmith.stages.finalize import finalize_tree
 from imagesmith.stages.outputs import staged_outputs, write_manifest, write_outputs
+from imagesmith.tree.aptsources import BUILD_DIR_PARENT, BUILD_DIR_RE
 
 Stage = Callable[[BuildContext], None]
 
@@ -70,6 +73,11 @@ OUTPUT_TOOLS = {"qcow2": "qemu-img", "raw.zst": "zstd", "oci": "tar", "tar": "ta
 # Build in RAM (tmpfs) when it has this much room: dpkg's fsyncs cost nothing there.
 RAM_WORKDIR = Path("/dev/shm")
 RAM_NEEDED = 6 * 1024**3
+# A build's scratch directory names its process (host/leftovers.py).
+WORKDIR_RE = re.compile(r"^imagesmith-.+-pid(\d+)-[a-z0-9_]+$")
+# `IMAGESMITH_PAUSE_AFTER_STAGE=NAME` makes a build sleep after that stage,
+# for tests that kill a build at a chosen point.
+PAUSE_AFTER_STAGE = "IMAGESMITH_PAUSE_AFTER_STAGE"
 
 
 def default_cache_dir() -> Path:
@@ -90,6 +98,21 @@ def pick_workdir_parent(output_dir: Path) -> Path:
     except OSError:
         pass
     return output_dir
+
+
+def sweep_dead_builds(output_dir: Path | None = None) -> list[Path]:
+    """Remove what builds that were killed left, and only theirs: scratch
+    directories, build-only sources and half-written outputs whose build
+    process is gone. Returns what was removed."""
+    places = [(RAM_WORKDIR, WORKDIR_RE), (BUILD_DIR_PARENT, BUILD_DIR_RE)]
+    if env := os.environ.get("IMAGESMITH_WORKDIR"):
+        places.append((Path(env), WORKDIR_RE))
+    if output_dir is not None:
+        places += [(output_dir, WORKDIR_RE), (output_dir, OUTPUT_TEMP_RE)]
+    removed = [path for folder, pattern in places for path in remove_dead_owners(folder, pattern)]
+    for path in removed:
+        log.info(f"removed {path}: left by a build that is gone")
+    return removed
 
 
 def check_host(image: ResolvedImage) -> None:
@@ -163,7 +186,9 @@ def build_image(
     # The disk is assembled in the raw output's temp file, else in the workdir.
     check_disk_fits_directory(image, output_dir if "raw" in s.outputs else parent)
     with contextlib.ExitStack() as cleanup:
-        workdir = Path(tempfile.mkdtemp(prefix=f"imagesmith-{image.name}-", dir=parent))
+        workdir = Path(
+            tempfile.mkdtemp(prefix=f"imagesmith-{image.name}-pid{os.getpid()}-", dir=parent)
+        )
         cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
         ctx = BuildContext(
             image=image,
@@ -194,6 +219,9 @@ def build_image(
                     stage(ctx)
                 if after_stage:
                     after_stage(name, ctx)
+                if os.environ.get(PAUSE_AFTER_STAGE) == name:
+                    log.info(f"pausing after {name} ({PAUSE_AFTER_STAGE})")
+                    time.sleep(3600)
             # Nothing reads the tree any more: free it while the outputs are written.
             remover = threading.Thread(
                 target=shutil.rmtree, args=(ctx.tree,), kwargs={"ignore_errors": True}
@@ -283,6 +311,7 @@ def build_images(
     jobs: int = 1,
 ) -> list[ImageResult]:
     """Build every image, `jobs` at a time; results in the order given."""
+    sweep_dead_builds(output_dir.resolve())
     build = functools.partial(
         build_one, output_dir=output_dir, cache_dir=cache_dir, uuid_seed=uuid_seed
     )

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from imagesmith.build import ImageResult, build_images, default_cache_dir
+from imagesmith.build import ImageResult, build_images, default_cache_dir, sweep_dead_builds
 from imagesmith.cache import admin as cacheadmin
 from imagesmith.config.settings import format_size, parse_size
 from imagesmith.config.space import ResolvedImage, load_config_space, resolve_image
@@ -149,6 +149,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise ConfigError(
             "cache prune: say what to remove", hint="--max-age 30d, --max-size 20GiB or --all"
         )
+    swept = sweep_dead_builds()  # scratch of killed builds, whatever the policy
     removed = cacheadmin.prune(
         cache_dir,
         max_age=cacheadmin.parse_age(args.max_age) if args.max_age else None,
@@ -156,6 +157,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         everything=args.all,
     )
     print(f"removed {len(removed)} entries from {cache_dir}")
+    if swept:
+        print(f"removed {len(swept)} leftovers of killed builds")
     if removed:
         print(cacheadmin.format_entries(removed))
     return 0

@@ -127,7 +127,9 @@ def install_packages(ctx: BuildContext) -> None:
             log.info(f"    stage cache miss {key}")
             log.info(f"    {len(image.packages)} packages from {mirror} ({image.settings.suite})")
             try:
-                run(private_mounts_argv(mmdebstrap_argv(ctx, mirror, sources)), what="mmdebstrap")
+                # TMPDIR: mmdebstrap's own scratch (its gpg home) goes with the workdir.
+                run(private_mounts_argv(mmdebstrap_argv(ctx, mirror, sources)), what="mmdebstrap",
+                    env={"TMPDIR": str(ctx.workdir)})  # fmt: skip
             except BuildError as e:
                 raise explain_apt_error(ctx, e) from e
             info = {"image": image.name, "inputs": inputs}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets as random_tokens
 import shlex
 import shutil
@@ -37,6 +38,8 @@ from imagesmith.errors import ConfigError
 from imagesmith.host.run import run
 
 BUILD_DIR_PARENT = Path("/var/tmp")
+# The build-only sources of a build whose process is gone (host/leftovers.py).
+BUILD_DIR_RE = re.compile(r"^imagesmith-build-pid(\d+)-[0-9a-f]+$")
 KEYRINGS = "etc/apt/keyrings"
 
 
@@ -194,7 +197,7 @@ def make_local_repository(image: ResolvedImage, sources: BuildSources) -> None:
 
 
 def prepare_build_sources(image: ResolvedImage) -> BuildSources:
-    directory = BUILD_DIR_PARENT / f"imagesmith-build-{random_tokens.token_hex(6)}"
+    directory = BUILD_DIR_PARENT / f"imagesmith-build-pid{os.getpid()}-{random_tokens.token_hex(6)}"
     directory.mkdir(mode=0o700)
     try:
         (directory / "secrets").mkdir(mode=0o700)
