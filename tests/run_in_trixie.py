@@ -80,7 +80,8 @@ def run_tests(root: Path, pytest_args: list[str]) -> int:
     r = shlex.quote(str(root))
     script = (
         "set -e; mount --make-rprivate /; "
-        f"mount --rbind /dev {r}/dev; mount -t proc proc {r}/proc; mount --rbind /sys {r}/sys; "
+        # The root a mount of its own, as / is: unshare --propagation needs that.
+        f"mount --bind {r} {r}; mount --rbind /dev {r}/dev; mount -t proc proc {r}/proc; mount --rbind /sys {r}/sys; "
         f"mount -t tmpfs -o mode=1777 tmpfs {r}/tmp; mkdir -p {r}{repo}; "
         f"mount --bind {repo} {r}{repo}; cp /etc/resolv.conf {r}/etc/resolv.conf; "
         f"exec chroot {r} sh -c {shlex.quote(f'cd {repo} && exec {inner}')}"
