@@ -167,3 +167,23 @@ def test_prune_skips_an_entry_a_build_holds(tmp_path: Path) -> None:
         assert (cache / "stages/busy/data").is_file() and (cache / "initramfs/busy").is_dir()
     removed = cacheadmin.prune(cache, everything=True)
     assert sorted((e.kind, e.name) for e in removed) == [("initramfs", "busy"), ("stage", "busy")]
+
+
+@needs_root
+def test_deb_cache_hook_on_a_full_disk_does_not_fail_mmdebstrap(tmp_path: Path) -> None:
+    from imagesmith.stages.bootstrap import ARCHIVES, cache_out_hook
+
+    root = tmp_path / "root"
+    archives = root / ARCHIVES.lstrip("/")
+    archives.mkdir(parents=True)
+    (archives / "small_1_all.deb").write_bytes(b"d" * 1000)
+    (archives / "big_1_all.deb").write_bytes(os.urandom(256 * 1024))
+    with tiny_filesystem(tmp_path / "debs") as cache:
+        hook = subprocess.run(
+            ["sh", "-c", cache_out_hook(str(cache)), "sh", str(root)],
+            capture_output=True,
+            text=True,
+        )
+        assert hook.returncode == 0, hook.stderr
+        assert "could not save" in hook.stderr and "big_1_all.deb" in hook.stderr
+        assert sorted(p.name for p in cache.iterdir()) == ["small_1_all.deb"]
