@@ -82,6 +82,12 @@ def test_truncated_tar_and_zst_are_named(tmp_path: Path) -> None:
     result = verify(zst)
     assert result.returncode == 2
     assert f"{zst}: cannot be decompressed" in result.stderr
+    qcow2 = tmp_path / "server.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2)], check=True)
+    os.truncate(qcow2, qcow2.stat().st_size // 2)
+    result = verify(qcow2)
+    assert result.returncode == 2, result.stderr
+    assert f"{qcow2}: the qcow2 image is damaged or truncated" in result.stderr
 
 
 @pytest.mark.parametrize(

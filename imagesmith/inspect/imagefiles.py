@@ -204,15 +204,22 @@ def image_tree(image_file: Path) -> Iterator[Path]:
 def uncompressed_disk(image_file: Path, work: Path) -> Path:
     """The raw disk of a raw, qcow2 or raw.zst file (the last two into `work`)."""
     disk = work / "disk.raw"
+    if is_qcow2(image_file):
+        # convert reads a truncated qcow2 without complaint (missing clusters
+        # read as zeros); check's exit code 2 means corruption (3: leaks only).
+        checked = run(["qemu-img", "check", "-q", os.fspath(image_file)], capture=True, check=False)
+        if checked.returncode not in (0, 3):
+            error = BuildError(checked.stderr.decode(errors="replace") or "qemu-img check failed")
+            raise damaged(image_file, "the qcow2 image is damaged or truncated", error)
+        argv = ["qemu-img", "convert", "-O", "raw", os.fspath(image_file), os.fspath(disk)]
+        what = "the qcow2 image cannot be read to the end"
+    elif magic(image_file) == ZSTD_MAGIC:
+        argv = ["zstd", "-d", "-q", "-f", "--sparse", "-o", os.fspath(disk), os.fspath(image_file)]
+        what = "cannot be decompressed"
+    else:
+        return image_file
     try:
-        if is_qcow2(image_file):
-            run(["qemu-img", "convert", "-O", "raw", os.fspath(image_file), os.fspath(disk)],
-                what="qemu-img convert")  # fmt: skip
-            return disk
-        if magic(image_file) == ZSTD_MAGIC:
-            run(["zstd", "-d", "-q", "-f", "--sparse", "-o", os.fspath(disk),
-                 os.fspath(image_file)], capture=True, what="zstd -d")  # fmt: skip
-            return disk
+        run(argv, capture=True, what=argv[0])
     except BuildError as e:
-        raise damaged(image_file, "cannot be decompressed", e) from e
-    return image_file
+        raise damaged(image_file, what, e) from e
+    return disk
