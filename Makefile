@@ -1,5 +1,6 @@
 # imagesmith: `make image` sets everything up and builds the example image;
-# `make test` sets everything up and runs the whole test suite (as root).
+# `make test` sets everything up and runs the whole test suite (as root), then
+# the unit tests under trixie's Python 3.13 (`make test-trixie`).
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -11,7 +12,7 @@ HOST_PACKAGES = mmdebstrap util-linux fdisk e2fsprogs btrfs-progs dosfstools mto
 	qemu-system-x86 qemu-utils ovmf seabios zstd skopeo umoci python3-venv debian-archive-keyring \
 	openssl gnupg openssh-client fai-doc docker-registry
 
-.PHONY: setup host-packages image test lint docs bench clean
+.PHONY: setup host-packages image test test-trixie lint docs bench clean
 
 setup: host-packages $(VENV)/.installed
 
@@ -35,6 +36,12 @@ image: setup
 
 test: setup
 	$(BIN)/python -m pytest
+	$(MAKE) test-trixie
+
+# The unit tests again under Debian trixie's Python 3.13, in a small trixie
+# tree made once with mmdebstrap and cached (tests/run_in_trixie.py).
+test-trixie: setup
+	$(BIN)/python tests/run_in_trixie.py -q
 
 # The benchmark (as root, on a quiet machine; about 20 minutes with 3 runs):
 # prints a markdown table and stores it in BENCHMARKS.md.

@@ -22,6 +22,7 @@ import concurrent.futures
 import contextlib
 import functools
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -34,12 +35,16 @@ from pathlib import Path
 from imagesmith import log
 from imagesmith.cache import stages as stagecache
 from imagesmith.cache.remote import RemoteCache
+from imagesmith.config.classes import class_layers, script_header_problem
 from imagesmith.config.layout import DiskLayout, UuidSource, plan_disk_layout
+from imagesmith.config.settings import format_size
 from imagesmith.config.space import ResolvedImage
 from imagesmith.context import BuildContext
+from imagesmith.disk.sparse import largest_file_problem
 from imagesmith.errors import ConfigError, ImagesmithError
-from imagesmith.formats import output_path
+from imagesmith.formats import OUTPUT_TEMP_RE, output_path
 from imagesmith.host.aptsources import archive_mirror
+from imagesmith.host.leftovers import remove_dead_owners
 from imagesmith.host.run import require_tools, stop_all_processes
 from imagesmith.stages.assemble_container import assemble_container
 from imagesmith.stages.assemble_disk import assemble_disk
@@ -48,6 +53,7 @@ from imagesmith.stages.bootstrap import install_packages
 from imagesmith.stages.customize import customize_tree
 from imagesmith.stages.finalize import finalize_tree
 from imagesmith.stages.outputs import staged_outputs, write_manifest, write_outputs
+from imagesmith.tree.aptsources import BUILD_DIR_PARENT, BUILD_DIR_RE
 
 Stage = Callable[[BuildContext], None]
 
@@ -69,6 +75,11 @@ OUTPUT_TOOLS = {"qcow2": "qemu-img", "raw.zst": "zstd", "oci": "tar", "tar": "ta
 # Build in RAM (tmpfs) when it has this much room: dpkg's fsyncs cost nothing there.
 RAM_WORKDIR = Path("/dev/shm")
 RAM_NEEDED = 6 * 1024**3
+# A build's scratch directory names its process (host/leftovers.py).
+WORKDIR_RE = re.compile(r"^imagesmith-.+-pid(\d+)-[a-z0-9_]+$")
+# `IMAGESMITH_PAUSE_AFTER_STAGE=NAME` makes a build sleep after that stage,
+# for tests that kill a build at a chosen point.
+PAUSE_AFTER_STAGE = "IMAGESMITH_PAUSE_AFTER_STAGE"
 
 
 def default_cache_dir() -> Path:
@@ -91,6 +102,21 @@ def pick_workdir_parent(output_dir: Path) -> Path:
     return output_dir
 
 
+def sweep_dead_builds(output_dir: Path | None = None) -> list[Path]:
+    """Remove what builds that were killed left, and only theirs: scratch
+    directories, build-only sources and half-written outputs whose build
+    process is gone. Returns what was removed."""
+    places = [(RAM_WORKDIR, WORKDIR_RE), (BUILD_DIR_PARENT, BUILD_DIR_RE)]
+    if env := os.environ.get("IMAGESMITH_WORKDIR"):
+        places.append((Path(env), WORKDIR_RE))
+    if output_dir is not None:
+        places += [(output_dir, WORKDIR_RE), (output_dir, OUTPUT_TEMP_RE)]
+    removed = [path for folder, pattern in places for path in remove_dead_owners(folder, pattern)]
+    for path in removed:
+        log.info(f"removed {path}: left by a build that is gone")
+    return removed
+
+
 def check_host(image: ResolvedImage) -> None:
     if os.geteuid() != 0:
         raise ConfigError("imagesmith build must run as root", hint="use sudo")
@@ -101,6 +127,32 @@ def check_host(image: ResolvedImage) -> None:
             tools.append("mkfs.btrfs")
     tools += [OUTPUT_TOOLS[o] for o in image.settings.outputs if o in OUTPUT_TOOLS]
     require_tools(*dict.fromkeys(tools))
+
+
+def check_disk_fits_directory(image: ResolvedImage, directory: Path) -> None:
+    """A disk size the directory the disk file is made in cannot hold fails
+    now, with exit 2, not at assembly after the slow stages."""
+    if image.target != "disk":
+        return
+    problem = largest_file_problem(directory, image.settings.size)
+    if problem:
+        raise ConfigError(
+            f"{image.config_space / 'imagesmith.toml'} [images.{image.name}] size: "
+            f"a {format_size(image.settings.size)} disk: {problem}",
+            hint="set a smaller size (raw images are sparse: size is the disk's length, "
+            "not the space it takes), or build into another directory (-o)",
+        )
+
+
+def check_class_scripts(image: ResolvedImage) -> None:
+    """Refuse what `imagesmith lint` refuses in a script, before any work."""
+    for layer in class_layers(image.classes):
+        for script in layer.scripts:
+            if problem := script_header_problem(script):
+                raise ConfigError(
+                    f"{script}:1: {problem}",
+                    hint="start it with #!/bin/sh and set -eu (imagesmith lint checks every script)",
+                )
 
 
 def plan_image_layout(image: ResolvedImage, *, uuid_seed: str = "") -> DiskLayout:
@@ -129,13 +181,18 @@ def build_image(
 ) -> BuildContext:
     """Build one image; returns the context (timings, outputs, packages)."""
     check_host(image)
+    check_class_scripts(image)
     output_dir = output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     s = image.settings
     layout = plan_image_layout(image, uuid_seed=uuid_seed)
     parent = pick_workdir_parent(output_dir)
+    # The disk is assembled in the raw output's temp file, else in the workdir.
+    check_disk_fits_directory(image, output_dir if "raw" in s.outputs else parent)
     with contextlib.ExitStack() as cleanup:
-        workdir = Path(tempfile.mkdtemp(prefix=f"imagesmith-{image.name}-", dir=parent))
+        workdir = Path(
+            tempfile.mkdtemp(prefix=f"imagesmith-{image.name}-pid{os.getpid()}-", dir=parent)
+        )
         cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
         ctx = BuildContext(
             image=image,
@@ -165,6 +222,9 @@ def build_image(
                     stage(ctx)
                 if after_stage:
                     after_stage(name, ctx)
+                if os.environ.get(PAUSE_AFTER_STAGE) == name:
+                    log.info(f"pausing after {name} ({PAUSE_AFTER_STAGE})")
+                    time.sleep(3600)
             # Nothing reads the tree any more: free it while the outputs are written.
             remover = threading.Thread(
                 target=shutil.rmtree, args=(ctx.tree,), kwargs={"ignore_errors": True}
@@ -256,6 +316,7 @@ def build_images(
     remote: RemoteCache | None = None,
 ) -> list[ImageResult]:
     """Build every image, `jobs` at a time; results in the order given."""
+    sweep_dead_builds(output_dir.resolve())
     build = functools.partial(
         build_one, output_dir=output_dir, cache_dir=cache_dir, uuid_seed=uuid_seed, remote=remote
     )

@@ -67,6 +67,11 @@ def write(path: Path, text: str, mode: int = 0o644) -> None:
             r"\[images\.server\] size: a 300MiB disk leaves .* hint: set size to at least",
         ),
         (
+            ("imagesmith.toml", 'size = "2GiB"\noutputs', 'size = "100TiB"\noutputs'),
+            r"imagesmith\.toml \[images\.server\] size: a 100TiB disk: the filesystem of "
+            r".*/out cannot hold a file that large \(File too large\).*hint: set a smaller size",
+        ),
+        (
             ("classes/example/class.toml", "[packages]", "[packages]\ninstal = []"),
             r"class\.toml:\d+: unknown key 'instal' in \[packages\]",
         ),
@@ -80,6 +85,7 @@ def write(path: Path, text: str, mode: int = 0o644) -> None:
         "unknown-class",
         "wrong-type",
         "size-too-small",
+        "size-beyond-the-output-filesystem",
         "class-key-typo",
         "bad-choice",
     ],
@@ -88,6 +94,8 @@ def test_config_errors_exit_2_before_any_work(
     config_copy: Path, tmp_path: Path, edit: tuple[str, str, str], expected: str
 ) -> None:
     name, old, new = edit
+    if "100TiB" in new and fs_type(tmp_path) != "ext2/ext3":
+        pytest.skip("needs the temp directory on ext4, where a file stops at 16TiB")
     path = config_copy / name
     text = path.read_text()
     assert old in text
@@ -111,12 +119,35 @@ def test_config_errors_exit_2_before_any_work(
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def fs_type(path: Path) -> str:
+    return subprocess.run(
+        ["stat", "-f", "-c", "%T", path], capture_output=True, text=True
+    ).stdout.strip()
+
+
 def test_unknown_image_and_summary_errors(config_copy: Path) -> None:
     result = imagesmith("summary", "-C", config_copy, "nope", timeout=60)
     assert result.returncode == 2
     assert "no image named 'nope'" in result.stderr and "server" in result.stderr
     result = imagesmith("summary", "-C", config_copy / "missing", timeout=60)
     assert result.returncode == 2 and "not found" in result.stderr
+
+
+def test_build_refuses_a_script_without_shebang_like_lint(
+    config_copy: Path, tmp_path: Path
+) -> None:
+    script = config_copy / "classes/example/scripts/20-no-shebang"
+    write(script, "false\necho carried on\n", 0o755)
+    work = tmp_path / "work"
+    result = imagesmith(
+        "build", "-C", config_copy, "-o", tmp_path / "out", "server",
+        timeout=60, env=isolated_env(work),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"{script}:1: no #! line: the script cannot be executed" in result.stderr
+    assert "==> bootstrap" not in result.stderr and leftovers(work) == []
+    linted = imagesmith("lint", "-C", config_copy, timeout=60)
+    assert f"{script}:1: no #! line: the script cannot be executed" in linted.stdout
 
 
 def add_class(space: Path, name: str, script: str) -> None:

@@ -112,3 +112,23 @@ def test_a_qemu_that_exits_is_a_failure_not_a_retry(fake_qemu: Path, disk: Path)
     assert not result.passed
     assert result.reason == "QEMU exited before the guest reported"
     assert runs == ["q35,accel=tcg smp=2"]
+
+
+def test_a_killed_tests_vm_scratch_is_swept_by_the_next(
+    fake_qemu: Path, disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    scratch_parent = fake_qemu / "tmp"
+    scratch_parent.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_parent))
+    done = subprocess.Popen(["true"])
+    done.wait()
+    dead = scratch_parent / f"imagesmith-vm-pid{done.pid}-abc1"
+    live = scratch_parent / f"imagesmith-vm-pid{os.getpid()}-abc2"
+    for path in (dead, live):
+        (path / "disk.qcow2").parent.mkdir()
+        (path / "disk.qcow2").write_bytes(b"overlay")
+    result, _ = play(fake_qemu, disk, "pass", "tcg")
+    assert result.passed, result.summary()
+    assert not dead.exists() and live.exists()

@@ -205,6 +205,7 @@ def test_entry_round_trip_keeps_owners_modes_xattrs_links_devices(tmp_path: Path
     make_tree(tmp_path / "tree")
     cache = tmp_path / "cache"
     entry = stagecache.save_tree(cache, "k1", tmp_path / "tree", {"image": "x"})
+    assert entry is not None
     assert [p.name for p in (cache / "stages").iterdir() if not p.name.endswith(".lock")] == ["k1"]
     restored = tmp_path / "restored"
     assert stagecache.restore_tree(cache, "k1", restored)

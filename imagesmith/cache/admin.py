@@ -11,7 +11,8 @@ The cache directory (`build.default_cache_dir()`) holds:
 `prune` removes stage and initramfs entries not used for longer than
 `--max-age`, then the least recently used ones until the total is under
 `--max-size`, and always the leftovers of interrupted builds. `--all`
-empties every cache, .debs included.
+empties every cache, .debs included. An entry whose key lock a build holds
+(it is being restored, built or saved) is skipped, not removed.
 """
 
 from __future__ import annotations
@@ -114,9 +115,18 @@ def prune(
                 if entry not in doomed:
                     doomed.append(entry)
                     total -= entry.size
-    for entry in doomed:
+    return [entry for entry in doomed if remove_entry(entry)]
+
+
+def remove_entry(entry: CacheEntry) -> bool:
+    """Remove an entry under its key lock; False when a build holds it."""
+    if entry.kind == "debs":  # apt locks its own archive directory
         shutil.rmtree(entry.path, ignore_errors=True)
-    return doomed
+        return True
+    with entries.try_locked(entry.path.parent, entry.name) as got:
+        if got:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        return got
 
 
 def format_age(seconds: float) -> str:

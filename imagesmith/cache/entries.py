@@ -6,12 +6,20 @@ place only when complete, so a reader never sees half an entry. A lock file
 per key (`.tmp-KEY.lock`) serialises the builds that want the same entry.
 A temporary directory whose process is gone is a leftover of an interrupted
 build, which `imagesmith cache prune` removes.
+
+Every entry carries `digest.json`: the size and SHA-256 of each of its files,
+written when it is saved and checked before it is used. A disk that flipped
+bits, a truncated copy or a hand-edited file makes the entry fail the check;
+the build then says which entry and why, discards it and builds that part
+again (`digest_problem()`, `discard()`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -19,7 +27,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagesmith import log
+
 TEMP_PREFIX = ".tmp-"
+DIGEST_FILE = "digest.json"
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,20 @@ def locked(kind_dir: Path, key: str) -> Iterator[None]:
     with (kind_dir / f"{TEMP_PREFIX}{key}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+@contextlib.contextmanager
+def try_locked(kind_dir: Path, key: str) -> Iterator[bool]:
+    """Take the lock of `key` if nobody holds it: True in the block, else False
+    at once (`cache prune` skips an entry a build is using)."""
+    lock_path = kind_dir / f"{TEMP_PREFIX}{key}.lock"
+    with lock_path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 @contextlib.contextmanager
@@ -70,3 +95,56 @@ def leftovers(kind_dir: Path) -> list[Path]:
         if path.is_dir() and pid.isdigit() and not Path(f"/proc/{pid}").exists():
             found.append(path)
     return found
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_digests(entry: Path, names: list[str]) -> None:
+    """Record the size and SHA-256 of `names` in the (temporary) entry."""
+    record = {
+        name: {"size": (entry / name).stat().st_size, "sha256": file_sha256(entry / name)}
+        for name in names
+    }
+    (entry / DIGEST_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def digest_problem(entry: Path) -> str:
+    """What is wrong with the entry's content, or "" when every file matches its digest."""
+    try:
+        record = json.loads((entry / DIGEST_FILE).read_text())
+        files = {str(name): (int(d["size"]), str(d["sha256"])) for name, d in record.items()}
+    except FileNotFoundError:
+        return f"no {DIGEST_FILE} (an entry from an older imagesmith, or a half-copied one)"
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        return f"{DIGEST_FILE} is unreadable ({e})"
+    if not files:
+        return f"{DIGEST_FILE} lists no files"
+    for name, (size, sha256) in sorted(files.items()):
+        path = entry / name
+        if not path.is_file():
+            return f"{name} is missing"
+        actual = path.stat().st_size
+        if actual != size:
+            what = "truncated" if actual < size else "grown"
+            return f"{name} is {actual} bytes, {size} when saved ({what})"
+        if file_sha256(path) != sha256:
+            return f"{name} does not match its SHA-256 (changed since it was saved)"
+    return ""
+
+
+def discard(entry: Path, problem: str) -> None:
+    """Say what is wrong with a cache entry and remove it; the caller rebuilds."""
+    log.warn(f"cache entry {entry} is damaged: {problem}; discarded, building it again")
+    shutil.rmtree(entry, ignore_errors=True)
+
+
+def warn_not_saved(what: str, final: Path, reason: str) -> None:
+    """A save failed: say so with the space left, and let the build go on."""
+    try:
+        free = f"{shutil.disk_usage(final.parent).free // 1024**2} MiB free there"
+    except OSError:
+        free = "its directory is unreadable"
+    log.warn(f"could not save {what} to the cache ({final}; {free}): {reason}; going on without")

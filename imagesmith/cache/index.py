@@ -120,7 +120,7 @@ def fetch_index(source: IndexSource, *, timeout: float = INDEX_TIMEOUT) -> str:
             with opener.open(source.request(url), timeout=timeout) as r:
                 return hashlib.sha256(r.read()).hexdigest()
         except (urllib.error.URLError, OSError, ValueError, ssl.SSLError) as e:
-            errors.append(f"{url}: {getattr(e, 'reason', e)}")
+            errors.append(f"{url}: {getattr(e, 'reason', None) or e}")  # SSLError: reason None
     raise BuildError(
         f"repository {source.name!r} ({source.uri}) failed: cannot fetch the index of "
         f"{source.suite}:\n  " + "\n  ".join(errors),

@@ -17,8 +17,14 @@ new tree:
    be unchanged, so a class that replaces a binary, a library or a rule the
    initramfs copies forces a rebuild.
 
-A cached initramfs is used only when both hold; anything else builds it with
-the image's own `update-initramfs`, as a build without a cache would. The one
+A cached initramfs is used only when both hold, and when the entry's files
+still match the digest written when it was saved (`entries.digest_problem()`:
+a damaged entry is reported and discarded). Anything else builds it with
+the image's own `update-initramfs`, as a build without a cache would. Builds
+hold the key's lock (`locked()`) from the lookup to the save, so under `-j N`
+one image builds the initramfs, another with the same key waits and reuses
+it, and no save replaces an entry while another build copies it. A save that
+fails (a full disk) warns, and the build goes on. The one
 thing this cannot see is a hook that *generates* content from a file outside
 `CONFIG_PATHS`; such a config space sets `IMAGESMITH_NO_INITRAMFS_CACHE=1`.
 """
@@ -26,6 +32,7 @@ thing this cannot see is a hook that *generates* content from a file outside
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import hashlib
 import json
@@ -40,7 +47,7 @@ from imagesmith.errors import BuildError
 from imagesmith.host.paths import copy_into_root, read_in_root, resolve_in_root
 from imagesmith.host.run import run
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: entries carry digest.json
 INITRAMFS_DIR = "initramfs"
 IMAGE_FILE = "initrd.img"
 TRACKED_FILE = "tracked.json"
@@ -183,13 +190,25 @@ def entry_dir(cache_dir: Path, key: str) -> Path:
     return cache_dir / INITRAMFS_DIR / key
 
 
+def locked(cache_dir: Path, key: str) -> contextlib.AbstractContextManager[None]:
+    """Hold the key's lock around reuse, build and save."""
+    return entries.locked(cache_dir / INITRAMFS_DIR, key)
+
+
 def reuse_initramfs(cache_dir: Path, key: str, tree: Path, target: str) -> bool:
     """Copy the cached initramfs to `target` (a path in the tree) when it fits
-    this tree; False otherwise."""
+    this tree; False otherwise. A damaged entry is discarded with a warning.
+    Hold `locked()`."""
     entry = entry_dir(cache_dir, key)
+    if not entry.is_dir():
+        return False
+    problem = entries.digest_problem(entry)
     try:
-        tracked = json.loads((entry / TRACKED_FILE).read_text())
-    except (OSError, ValueError):
+        tracked = json.loads((entry / TRACKED_FILE).read_text()) if not problem else {}
+    except (OSError, ValueError) as e:
+        problem = f"{TRACKED_FILE} is unreadable ({e})"
+    if problem:
+        entries.discard(entry, problem)
         return False
     if not still_matches(tree, tracked):
         return False
@@ -198,14 +217,22 @@ def reuse_initramfs(cache_dir: Path, key: str, tree: Path, target: str) -> bool:
     return True
 
 
-def save_initramfs(cache_dir: Path, key: str, tree: Path, image: str) -> None:
+def save_initramfs(cache_dir: Path, key: str, tree: Path, image: str) -> bool:
     """Store a freshly built initramfs (a path in the tree) and the tree files
-    it copied, atomically."""
+    it copied, atomically. False, with a warning, when it could not be saved.
+    Hold `locked()`."""
     data = read_in_root(tree, image)
     if data is None:
         raise BuildError(f"update-initramfs made no /{image}")
-    with entries.new_entry(entry_dir(cache_dir, key), replace=True) as temp:
-        # replace: a stale entry whose tracked files changed gives way.
-        (temp / IMAGE_FILE).write_bytes(data)
-        tracked = tracked_files(tree, temp / IMAGE_FILE)
-        (temp / TRACKED_FILE).write_text(json.dumps(tracked, indent=1) + "\n")
+    final = entry_dir(cache_dir, key)
+    try:
+        with entries.new_entry(final, replace=True) as temp:
+            # replace: a stale entry whose tracked files changed gives way.
+            (temp / IMAGE_FILE).write_bytes(data)
+            tracked = tracked_files(tree, temp / IMAGE_FILE)
+            (temp / TRACKED_FILE).write_text(json.dumps(tracked, indent=1) + "\n")
+            entries.write_digests(temp, [IMAGE_FILE, TRACKED_FILE])
+    except (BuildError, OSError, ValueError) as e:
+        entries.warn_not_saved("the initramfs", final, str(e))
+        return False
+    return True

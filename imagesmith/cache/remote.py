@@ -237,6 +237,9 @@ def pull_entry(remote: RemoteCache, cache_dir: Path, key: str) -> bool:
         with entries.new_entry(stagecache.entry_dir(cache_dir, key)) as temp:
             os.rename(tree_blob, temp / stagecache.TREE_FILE)
             (temp / stagecache.ENTRY_FILE).write_text(json.dumps(info, indent=2) + "\n")
+            # Checked against the registry's digests above; the local entry
+            # carries its own, as every entry does (cache/entries.py).
+            entries.write_digests(temp, [stagecache.TREE_FILE])
     return True
 
 

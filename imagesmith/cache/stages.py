@@ -18,12 +18,17 @@ Everything later (files, scripts, users, removals, boot and disk settings)
 is applied to a copy of the cached tree, so changing it reuses the entry.
 
 An entry is `stages/KEY/` in the cache directory holding `root.tar` (the
-tree, with owners, modes, xattrs, ACLs, hard links and device nodes) and
-`entry.json` (what went into the key, for `imagesmith cache` and for
-debugging a miss). It is written under a temporary name and renamed into
-place, so an interrupted build never leaves a half entry visible. A lock per
-key makes parallel builds with the same key wait for one mmdebstrap run and
-share its result.
+tree, with owners, modes, xattrs, ACLs, hard links and device nodes),
+`digest.json` (its size and SHA-256) and `entry.json` (what went into the
+key, for `imagesmith cache` and for debugging a miss). It is written under a
+temporary name and renamed into place, so an interrupted build never leaves a
+half entry visible. A lock per key makes parallel builds with the same key
+wait for one mmdebstrap run and share its result.
+
+Before an entry is used, `root.tar` is checked against its digest (about a
+second for a server tree). An entry that fails the check, or that tar cannot
+extract, is reported, discarded, and the stage runs mmdebstrap again. Saving
+is an optimisation: when it fails (a full disk), the build warns and goes on.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,11 +46,14 @@ from typing import Any
 from imagesmith.cache import entries
 from imagesmith.config.classes import class_layers
 from imagesmith.config.space import ResolvedImage
+from imagesmith.errors import BuildError
 from imagesmith.host.run import run
 
 STAGES_DIR = "stages"
 ENTRY_FILE = "entry.json"
 TREE_FILE = "root.tar"
+# Part of the key: entries of an older layout (1: no digest.json) are not looked at.
+ENTRY_FORMAT = 2
 # The tree's .debs live in the .deb cache already, and apt rebuilds its own
 # binary caches: neither belongs in an entry.
 TAR_EXCLUDES = ("./var/cache/apt/archives/*.deb", "./var/cache/apt/*.bin")
@@ -62,6 +71,7 @@ def stage_key_inputs(
     s = image.settings
     return {
         "stage": "bootstrap and packages",
+        "format": ENTRY_FORMAT,
         "tool": tool_version,
         "suite": s.suite,
         "architecture": s.architecture,
@@ -107,26 +117,51 @@ def has_entry(cache_dir: Path, key: str) -> bool:
 
 
 def restore_tree(cache_dir: Path, key: str, tree: Path) -> bool:
-    """Extract the entry's tree into `tree` (which must not exist); False on a miss."""
+    """Extract the entry's tree into `tree` (which must not exist); False on a
+    miss, or when the entry is damaged (then it is discarded, with a warning)."""
     entry = entry_dir(cache_dir, key)
-    if not has_entry(cache_dir, key):
+    if not entry.is_dir():
         return False
-    tree.mkdir(mode=0o755)
-    run(["tar", "-x", *TAR_OPTIONS, "-f", os.fspath(entry / TREE_FILE), "-C", os.fspath(tree)],
-        what="restoring the cached package stage")  # fmt: skip
+    problem = entries.digest_problem(entry)
+    if not problem:
+        tree.mkdir(mode=0o755)
+        try:
+            run(["tar", "-x", *TAR_OPTIONS, "-f", os.fspath(entry / TREE_FILE),
+                 "-C", os.fspath(tree)], what="restoring the cached package stage")  # fmt: skip
+        except BuildError as e:
+            problem = f"{TREE_FILE} does not extract: {tar_reason(e)}"
+            shutil.rmtree(tree, ignore_errors=True)
+    if problem:
+        entries.discard(entry, problem)
+        return False
     os.utime(entry)  # last used, for pruning
     return True
 
 
-def save_tree(cache_dir: Path, key: str, tree: Path, info: Mapping[str, Any]) -> Path:
-    """Store `tree` as the entry for `key`, atomically; returns the entry."""
+def save_tree(cache_dir: Path, key: str, tree: Path, info: Mapping[str, Any]) -> Path | None:
+    """Store `tree` as the entry for `key`, atomically; returns the entry, or
+    None (with a warning) when it could not be saved: the build goes on."""
     final = entry_dir(cache_dir, key)
-    with entries.new_entry(final) as temp:
-        run(
-            ["tar", "-c", *TAR_OPTIONS, *(f"--exclude={x}" for x in TAR_EXCLUDES),
-             "-f", os.fspath(temp / TREE_FILE), "-C", os.fspath(tree), "."],
-            what="saving the package stage to the cache",
-        )  # fmt: skip
-        record = {"key": key, "created": time.time(), **info}
-        (temp / ENTRY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    try:
+        with entries.new_entry(final) as temp:
+            run(
+                ["tar", "-c", *TAR_OPTIONS, *(f"--exclude={x}" for x in TAR_EXCLUDES),
+                 "-f", os.fspath(temp / TREE_FILE), "-C", os.fspath(tree), "."],
+                what="saving the package stage to the cache",
+            )  # fmt: skip
+            entries.write_digests(temp, [TREE_FILE])
+            record = {"key": key, "created": time.time(), **info}
+            (temp / ENTRY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    except (BuildError, OSError) as e:
+        reason = tar_reason(e) if isinstance(e, BuildError) else str(e)
+        entries.warn_not_saved("the package stage", final, reason)
+        return None
     return final
+
+
+def tar_reason(error: BuildError) -> str:
+    """tar's first specific complaint from a failed run, not its "exiting now"."""
+    said = [line.strip(" |") for line in error.message.splitlines() if line.startswith("  | ")]
+    generic = ("Exiting with failure status", "Error is not recoverable")
+    specific = [line for line in said if not any(g in line for g in generic)]
+    return (specific or said or [error.message])[0]

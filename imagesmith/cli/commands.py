@@ -11,7 +11,7 @@ import re
 import sys
 from typing import Any
 
-from imagesmith.build import ImageResult, build_images, default_cache_dir
+from imagesmith.build import ImageResult, build_images, default_cache_dir, sweep_dead_builds
 from imagesmith.cache import admin as cacheadmin
 from imagesmith.cache.keys import hygiene_key
 from imagesmith.cache.remote import RemoteEntry, finalize_remote, list_remote
@@ -170,6 +170,8 @@ def cmd_lint(args: argparse.Namespace) -> int:
         f"{len(problems)} problem(s)",
         file=sys.stderr,
     )
+    if resolved < len(space.images):
+        return ConfigError.exit_code
     return 1 if problems else 0
 
 
@@ -201,6 +203,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise ConfigError(
             "cache prune: say what to remove", hint="--max-age 30d, --max-size 20GiB or --all"
         )
+    swept = sweep_dead_builds()  # scratch of killed builds, whatever the policy
     removed = cacheadmin.prune(
         cache_dir,
         max_age=cacheadmin.parse_age(args.max_age) if args.max_age else None,
@@ -208,6 +211,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         everything=args.all,
     )
     print(f"removed {len(removed)} entries from {cache_dir}")
+    if swept:
+        print(f"removed {len(swept)} leftovers of killed builds")
     if removed:
         print(cacheadmin.format_entries(removed))
     return 0

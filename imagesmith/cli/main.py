@@ -16,12 +16,14 @@ from imagesmith.errors import ImagesmithError
 
 
 def interrupt_on_sigterm() -> None:
-    """SIGTERM (from `kill`, a CI timeout, systemd) cleans up like Ctrl-C."""
+    """SIGTERM (from `kill`, a CI timeout, systemd) and SIGHUP (the terminal
+    closed) clean up like Ctrl-C."""
 
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

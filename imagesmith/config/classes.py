@@ -294,6 +294,16 @@ def _check_waiver(waiver: object, where: str) -> tuple[str, str]:
     return finding, reason.strip()
 
 
+def script_header_problem(script: Path) -> str:
+    """What keeps a class script from running as written, or "". `build` and
+    `lint` both ask: without `#!`, the script would run through /bin/sh
+    without `set -e`, and a failing command in it would be ignored."""
+    with script.open("rb") as f:
+        if f.read(2) != b"#!":
+            return "no #! line: the script cannot be executed"
+    return ""
+
+
 def _find_scripts(scripts_dir: Path) -> tuple[Path, ...]:
     if not scripts_dir.is_dir():
         return ()

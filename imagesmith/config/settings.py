@@ -45,7 +45,7 @@ AUTO_HEADROOM = 512 * MiB
 
 def format_size(number: int) -> str:
     """Human-readable size: '2GiB', '1.53GiB', '300MiB'."""
-    for unit, factor in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+    for unit, factor in (("TiB", 1024 * GiB), ("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
         if number >= factor:
             value = number / factor
             return f"{value:g}{unit}" if value == int(value) else f"{value:.2f}{unit}"

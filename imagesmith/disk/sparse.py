@@ -81,3 +81,31 @@ def sha256_file(path: Path) -> str:
                 digest.update(chunk)
                 position += len(chunk)
     return digest.hexdigest()
+
+
+def largest_file_problem(directory: Path, size: int) -> str:
+    """Why `directory`'s filesystem cannot hold a sparse file of `size` bytes,
+    or "" when it can.
+
+    A sparse disk file takes only what is written into it, so free space says
+    nothing about whether a size is possible; what can fail is the file's
+    length itself (ext4 with 4 KiB blocks stops at 16 TiB, tmpfs and XFS go
+    much further). statvfs has no field for that and pathconf's FILESIZEBITS
+    is wrong on tmpfs, so ask the filesystem: make a probe file of that length
+    (a hole, nothing is written) and remove it.
+    """
+    probe = directory / f".imagesmith-size-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError as e:
+        return f"cannot create a file in {directory}: {e.strerror}"
+    try:
+        os.ftruncate(fd, size)
+    except OverflowError:
+        return "no file can be that large"
+    except OSError as e:
+        return f"the filesystem of {directory} cannot hold a file that large ({e.strerror})"
+    finally:
+        os.close(fd)
+        probe.unlink()
+    return ""

@@ -14,6 +14,7 @@ writes them.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 SUFFIXES = {"manifest": "manifest.json", "oci": "oci.tar", "tar": "rootfs.tar"}
@@ -24,6 +25,8 @@ OUTPUT_SUFFIXES = sorted(
 # Outputs are written in a private directory OUTPUT/.imagesmith-tmp-PID-RANDOM
 # and renamed into place when all of them are complete.
 OUTPUT_TEMP_PREFIX = ".imagesmith-tmp-"
+# An output being written, and the PID of the build writing it (host/leftovers.py).
+OUTPUT_TEMP_RE = re.compile(r"^\.imagesmith-tmp-(\d+)-")
 
 
 def output_path(output_dir: Path, image: str, fmt: str) -> Path:

@@ -4,6 +4,13 @@
 paste into a shell, times it, keeps the tail of its output for the error
 message, and makes sure the child is gone before an exception leaves: on
 Ctrl-C the child gets SIGTERM, then SIGKILL.
+
+Every child is started through `setpriv --pdeathsig KILL`, so it dies with
+the thread that started it however imagesmith ends, SIGKILL and OOM kills
+included. Commands with children of their own (mmdebstrap, the image
+sandbox) run in a PID namespace under `unshare --kill-child`, so killing the
+direct child takes down everything it started. After `stop_all_processes()`
+(Ctrl-C, SIGTERM, SIGHUP), `run()` starts nothing more, in any thread.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ _running: set[subprocess.Popen[bytes]] = set()
 _running_lock = threading.Lock()
 # Environment variables that hold secrets: never passed to a child.
 _hidden_env: set[str] = set()
+_stopping = False
+# Prefix of every command: the child gets SIGKILL when its parent thread dies.
+DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
 
 
 def format_command(argv: Sequence[str | os.PathLike[str]]) -> str:
@@ -82,12 +92,18 @@ def run(
             "stdout": subprocess.PIPE,
             "stderr": subprocess.PIPE if capture else subprocess.STDOUT,
         }
-    try:
-        proc = start(args, streams, env=full_env, cwd=cwd)
-    finally:
-        if terminal >= 0:
-            os.close(streams["stdout"])
-    with _running_lock:
+    with _running_lock:  # no start after stop_all_processes() took its snapshot
+        try:
+            if _stopping:
+                raise KeyboardInterrupt
+            proc = start(args, streams, env=full_env, cwd=cwd)
+        except BaseException:
+            if terminal >= 0:
+                os.close(terminal)
+            raise
+        finally:
+            if terminal >= 0:
+                os.close(streams["stdout"])  # the child's end: ours is `terminal`
         _running.add(proc)
     try:
         if terminal >= 0 and progress is not None:
@@ -130,8 +146,13 @@ def child_environment(extra: Mapping[str, str] | None) -> dict[str, str]:
 def start(
     args: list[str], streams: dict[str, Any], *, env: dict[str, str] | None, cwd: Path | None
 ) -> subprocess.Popen[bytes]:
+    if shutil.which(args[0], path=(env or os.environ).get("PATH")) is None and "/" not in args[0]:
+        raise ConfigError(
+            f"host tool {args[0]!r} not found",
+            hint="run `make setup` (or install the package that provides it)",
+        )
     try:
-        return subprocess.Popen(args, **streams, env=env, cwd=cwd)
+        return subprocess.Popen([*DIE_WITH_PARENT, *args], **streams, env=env, cwd=cwd)
     except FileNotFoundError as e:
         raise ConfigError(
             f"host tool {args[0]!r} not found",
@@ -240,8 +261,11 @@ def stop_process(proc: subprocess.Popen[bytes], *, grace: float = 5.0) -> None:
 
 
 def stop_all_processes() -> None:
-    """Stop every command run() is running, in any thread (on Ctrl-C)."""
+    """Stop every command run() is running, in any thread (on Ctrl-C), and
+    refuse to start new ones from here on."""
+    global _stopping
     with _running_lock:
+        _stopping = True
         running = list(_running)
     for proc in running:
         stop_process(proc)

@@ -25,7 +25,10 @@ BASE_ENV = {
 
 
 def private_mounts_argv(argv: Sequence[str | os.PathLike[str]]) -> list[str]:
-    return ["unshare", "--mount", "--propagation", "private", *(os.fspath(a) for a in argv)]
+    """`argv` with mounts of its own, in a PID namespace: when unshare dies
+    (with imagesmith, see run.py), the kernel kills everything `argv` started."""
+    args = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child"]
+    return [*args, "--mount-proc", *(os.fspath(a) for a in argv)]
 
 
 def chroot_argv(

@@ -13,7 +13,10 @@ and every unit link in a class's files tree (`etc/systemd/*/NAME.wants/`,
 target as text after a copy that lost symlinks, is silently ignored by
 systemd.
 
-One line per problem, `file:line: message`.
+One line per problem, `file:line: message`. The exit code is 2 when an image
+does not resolve (a config error, which `build` rejects too), 1 for script and
+file problems only. `build` refuses a script without `#!` as well
+(`script_header_problem()` is shared).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagesmith.config.classes import ClassDef, class_layers
+from imagesmith.config.classes import ClassDef, class_layers, script_header_problem
 from imagesmith.config.space import ConfigSpace, resolve_image
 from imagesmith.errors import ConfigError
 from imagesmith.host.run import run
@@ -40,10 +43,10 @@ class LintProblem:
 
 
 def lint_script(script: Path) -> list[LintProblem]:
+    if problem := script_header_problem(script):
+        return [LintProblem(f"{script}:1", problem)]
     text = script.read_text(errors="replace")
-    first = text.splitlines()[0] if text else ""
-    if not first.startswith("#!"):
-        return [LintProblem(f"{script}:1", "no #! line: the script cannot be executed")]
+    first = text.splitlines()[0]
     interpreter = first[2:].strip().split()
     shell = Path(interpreter[-1] if interpreter[0].endswith("env") else interpreter[0]).name
     if shell not in ("sh", "bash", "dash"):

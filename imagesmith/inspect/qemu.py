@@ -26,6 +26,7 @@ from imagesmith import log
 from imagesmith.config.settings import FIRMWARES
 from imagesmith.errors import ConfigError
 from imagesmith.formats import manifest_for
+from imagesmith.host.leftovers import remove_dead_owners
 from imagesmith.host.run import format_command, require_tools, run
 
 FIRMWARE_PAIRS = (
@@ -35,6 +36,7 @@ FIRMWARE_PAIRS = (
 )
 # QEMU's words when KVM cannot run this guest here: it pauses the guest on an
 # internal error, or aborts at start (an MSR the host refuses).
+VM_SCRATCH_RE = re.compile(r"^imagesmith-vm-pid(\d+)-[a-z0-9_]+$")
 KVM_FAILURE = re.compile(
     r"KVM internal error|emulation failure|failed to initialize kvm|failed to set MSR|kvm\.c:\d+",
     re.I,
@@ -217,7 +219,9 @@ def vm_scratch(image: Path, *, in_place: bool, firmware: str) -> Iterator[VmFile
             f"{image}: a compressed image cannot be booted in place",
             hint="decompress it with `zstd -d` first, or drop --in-place",
         )
-    with tempfile.TemporaryDirectory(prefix="imagesmith-vm-") as tmp:
+    # Named with our PID: what a killed `imagesmith test` left is swept here.
+    remove_dead_owners(Path(tempfile.gettempdir()), VM_SCRATCH_RE)
+    with tempfile.TemporaryDirectory(prefix=f"imagesmith-vm-pid{os.getpid()}-") as tmp:
         scratch = Path(tmp)
         vars_copy = None
         if variables is not None:

@@ -17,13 +17,13 @@ import hmac
 import json
 import os
 import re
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from imagesmith.formats import manifest_for
+from imagesmith.host.libcrypt import password_matches
 from imagesmith.host.paths import listdir_in_root, lstat_in_root, read_in_root
 from imagesmith.inspect.imagefiles import image_tree
 
@@ -279,12 +279,8 @@ def root_password_problem(shadow: str) -> str:
             return "root has no password"
         if password.startswith(("!", "*")):
             return ""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            import crypt  # Python 3.11/3.12; verifies with the system's libcrypt
-
         for word in KNOWN_PASSWORDS:
-            if crypt.crypt(word, password) == password:
+            if password_matches(word, password):
                 return f"root's password is the well-known {word!r}"
         return ""
     return "no root entry in /etc/shadow"

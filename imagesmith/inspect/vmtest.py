@@ -71,6 +71,17 @@ exec /run/imagesmith-check/run-checks'
 StandardOutput=journal+console
 """
 UNIT_FAILED = "Failed to start imagesmith-check.service"
+# Console (or SeaBIOS log) lines after which the guest will never report: the
+# test stops at once and shows them, instead of waiting out the timeout.
+BOOT_FAILURES = (
+    ("the firmware found nothing to boot", re.compile(r"No bootable device|not a bootable disk")),
+    ("the firmware fell through to network boot (PXE)",
+     re.compile(r"Booting from ROM|Start PXE over IPv|Start HTTP Boot over IPv|iPXE initialising")),
+    ("GRUB stopped at its prompt", re.compile(r"^\s*grub(?: rescue)?> ", re.MULTILINE)),
+    ("the initramfs could not mount the root and dropped to its shell",
+     re.compile(r"ALERT! .*|Dropping to a shell|^\(initramfs\) ", re.MULTILINE)),
+    ("the kernel panicked", re.compile(r"Kernel panic - not syncing.*")),
+)  # fmt: skip
 CHECK_DROPIN = "[Unit]\nWants=imagesmith-check.service\n"
 
 
@@ -254,6 +265,11 @@ def test_result(
     )
     if result == "exited":
         test.details += read_text(scratch / "qemu.err").splitlines()[-10:]
+    if result == "boot-failed":
+        logs = read_text(scratch / "console.log"), read_text(scratch / "firmware.log")
+        if seen := boot_failure(*logs):
+            test.reason = f"the image did not boot: {seen[0]}"
+            test.details += [f"  decided by: {line}" for line in seen[1]]
     return test
 
 
@@ -302,6 +318,8 @@ def watch_vm(
                     return "check-unit-failed"
                 if tcg_race and TCG_CODE_PATCH_RACE in text:
                     return "tcg-race"
+                if boot_failure(text, read_text(firmware_log) if firmware_log else ""):
+                    return "boot-failed"
                 # On a KVM internal error QEMU pauses the guest and lives on.
                 if kvm and KVM_FAILURE.search(read_text(qemu_err)):
                     return "kvm-failed"
@@ -319,6 +337,17 @@ def watch_vm(
                 time.sleep(0.5)
         finally:
             stop_process(proc)
+
+
+def boot_failure(*texts: str) -> tuple[str, list[str]] | None:
+    """(what went wrong, the lines that show it) when a console or firmware
+    log shows a boot that cannot reach the check runner, else None."""
+    for text in texts:
+        for what, pattern in BOOT_FAILURES:
+            lines = [line for line in text.splitlines() if pattern.search(line + "\n")]
+            if lines:
+                return what, [line.strip() for line in lines[:5]]
+    return None
 
 
 def parse_report(text: str, nonce: str) -> str:

@@ -61,12 +61,16 @@ def cache_in_hook(cache: str) -> str:
 
 def cache_out_hook(cache: str) -> str:
     # Each .deb lands under a temporary name first, so an interrupted build
-    # never leaves a truncated file in the shared cache.
+    # never leaves a truncated file in the shared cache. The cache is an
+    # optimisation: a .deb that cannot be saved (a full disk) is skipped with
+    # a warning, and never fails mmdebstrap.
     q = shlex.quote(cache)
     return (
         f'for f in "$1{ARCHIVES}"/*.deb; do [ -e "$f" ] || continue; '
         f'n={q}/"${{f##*/}}"; [ -e "$n" ] || '
-        f'{{ cp "$f" "$n.part" && mv "$n.part" "$n"; }}; done'
+        f'{{ cp "$f" "$n.part" 2>/dev/null && mv "$n.part" "$n"; }} || '
+        f'{{ rm -f "$n.part"; echo "warning: could not save $n to the .deb cache" >&2; }}; '
+        "done; true"
     )
 
 
@@ -166,9 +170,11 @@ def install_packages(ctx: BuildContext) -> None:
             log.info(f"    stage cache miss {key}")
             log.info(f"    {len(image.packages)} packages from {mirror} ({image.settings.suite})")
             try:
+                # TMPDIR: mmdebstrap's own scratch (its gpg home) goes with the workdir.
                 run(
                     private_mounts_argv(mmdebstrap_argv(ctx, mirror, sources)),
                     what="mmdebstrap",
+                    env={"TMPDIR": str(ctx.workdir)},
                     progress=report_progress,
                 )
             except BuildError as e:

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets as random_tokens
 import shlex
 import shutil
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -37,6 +39,8 @@ from imagesmith.host.paths import copy_into_root, listdir_in_root, remove_in_roo
 from imagesmith.host.run import hide_from_children, run
 
 BUILD_DIR_PARENT = Path("/var/tmp")
+# The build-only sources of a build whose process is gone (host/leftovers.py).
+BUILD_DIR_RE = re.compile(r"^imagesmith-build-pid(\d+)-[0-9a-f]+$")
 KEYRINGS = "etc/apt/keyrings"
 # A password shorter than this is looked for only within its whole auth line:
 # alone, it would match by chance in ordinary files.
@@ -96,15 +100,20 @@ def add_repository(sources: BuildSources, repo: Repository, config_space: Path) 
         options.append(f"signed-by={repo.signed_by}")
     secrets_dir = sources.directory / "secrets"
     host = host_key(repo.uri)
-    for key, ref in (("SslCert", repo.client_cert), ("SslKey", repo.client_key)):
+    written: dict[str, Path] = {}
+    for setting, key, ref in (
+        ("client_cert", "SslCert", repo.client_cert),
+        ("client_key", "SslKey", repo.client_key),
+    ):
         if not ref:
             continue
-        data = read_secret(ref, where=f"{repo.source} {key}", config_space=config_space)
-        path = secrets_dir / f"{repo.name}.{key.lower()}"
+        data = read_secret(ref, where=f"{repo.source} {setting}", config_space=config_space)
+        path = written[setting] = secrets_dir / f"{repo.name}.{key.lower()}"
         path.write_bytes(data)
         path.chmod(0o600)
         sources.secrets.append(data)
         sources.aptopts.append(f'Acquire::https::{host}::{key} "{path}";')
+    check_client_certificate(repo, written)
     if repo.ca_cert:
         sources.aptopts.append(f'Acquire::https::{host}::CaInfo "{repo.ca_cert}";')
     if repo.auth:
@@ -129,6 +138,43 @@ def add_repository(sources: BuildSources, repo: Repository, config_space: Path) 
         sources.lines.append(f"deb {prefix}{repo.uri} {suite} {' '.join(repo.components)}")
     if not repo.keep:
         sources.build_only_uris.append(repo.uri)
+
+
+def check_client_certificate(repo: Repository, written: dict[str, Path]) -> None:
+    """Load the client certificate and key as apt will, so a bad one is a
+    config error naming the settings, not apt's `InRelease: None`."""
+    if "client_cert" not in written:
+        if "client_key" in written:
+            raise ConfigError(
+                f"{repo.source} client_key: set without client_cert",
+                hint="client_key is the private key of the certificate client_cert names",
+            )
+        return
+    for setting, marker, what in (
+        ("client_cert", b"-----BEGIN CERTIFICATE-----", "PEM certificate"),
+        ("client_key", b"PRIVATE KEY-----", "PEM private key"),
+    ):
+        ref = repo.client_cert if setting == "client_cert" else repo.client_key
+        if setting in written and marker not in written[setting].read_bytes():
+            raise ConfigError(
+                f"{repo.source} {setting}: {ref!r} holds no {what} "
+                f"(no {marker.decode().strip('-')} line)",
+                hint=f"{setting} must name a {what} file, or env:NAME holding one",
+            )
+    try:
+        context = ssl.create_default_context()
+        context.load_cert_chain(written["client_cert"], written.get("client_key"))
+    except (ssl.SSLError, OSError) as e:
+        refs = f"client_cert {repo.client_cert!r}"
+        if repo.client_key:
+            refs += f" with client_key {repo.client_key!r}"
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
+        raise ConfigError(
+            f"{repo.source} client_cert: the client certificate could not be loaded "
+            f"from {refs}: {reason}",
+            hint="client_cert must be a PEM certificate and client_key its PEM private key "
+            "(or leave client_key out when the certificate file holds the key too)",
+        ) from e
 
 
 def make_local_repository(image: ResolvedImage, sources: BuildSources) -> None:
@@ -164,7 +210,7 @@ def make_local_repository(image: ResolvedImage, sources: BuildSources) -> None:
 
 
 def prepare_build_sources(image: ResolvedImage) -> BuildSources:
-    directory = BUILD_DIR_PARENT / f"imagesmith-build-{random_tokens.token_hex(6)}"
+    directory = BUILD_DIR_PARENT / f"imagesmith-build-pid{os.getpid()}-{random_tokens.token_hex(6)}"
     directory.mkdir(mode=0o700)
     try:
         (directory / "secrets").mkdir(mode=0o700)

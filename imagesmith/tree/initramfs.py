@@ -48,14 +48,14 @@ def build_initramfs(tree: Path, kernel_version: str, cache_dir: Path) -> CacheUs
     remove_initramfs_diversion(tree)
     target = f"boot/initrd.img-{kernel_version}"
     if initramfs_cache.initramfs_disabled():
-        key = ""
-    else:
-        key = initramfs_cache.initramfs_key(tree, kernel_version)
+        run_in_root(tree, ["update-initramfs", "-c", "-k", kernel_version], what="update-initramfs")
+        return None
+    key = initramfs_cache.initramfs_key(tree, kernel_version)
+    # Held to the save: an image with the same key waits, then reuses this one.
+    with initramfs_cache.locked(cache_dir, key):
         if initramfs_cache.reuse_initramfs(cache_dir, key, tree, target):
             log.info(f"    initramfs cache hit {key}: update-initramfs skipped")
             return CacheUse(key, hit=True)
-    run_in_root(tree, ["update-initramfs", "-c", "-k", kernel_version], what="update-initramfs")
-    if not key:
-        return None
-    initramfs_cache.save_initramfs(cache_dir, key, tree, target)
+        run_in_root(tree, ["update-initramfs", "-c", "-k", kernel_version], what="update-initramfs")
+        initramfs_cache.save_initramfs(cache_dir, key, tree, target)
     return CacheUse(key, hit=False)

@@ -1,0 +1,189 @@
+"""Cache entries are checked before use, a failing save does not fail the
+build, and `cache prune` leaves alone what a build holds.
+
+Real small trees, the host's tar, and for a full disk a real tiny tmpfs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imagesmith.cache import admin as cacheadmin
+from imagesmith.cache import entries, initramfs
+from imagesmith.cache import stages as stagecache
+from tests.test_initramfs_cache import KVER, newc
+from tests.test_initramfs_cache import make_tree as make_initramfs_tree
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="owners, mounts: root only")
+
+
+def make_tree(root: Path) -> None:
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/sudo").write_bytes(b"\x7fELF sudo " * 30_000)  # 300 kB
+    (root / "etc").mkdir()
+    (root / "etc/hostname").write_text("stage\n")
+
+
+@contextlib.contextmanager
+def tiny_filesystem(where: Path, size: str = "64k") -> Iterator[Path]:
+    """A real tmpfs of `size` at `where`: writes past it fail with ENOSPC."""
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", where], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", where], check=True)
+
+
+def overwrite_middle(path: Path) -> None:
+    with path.open("r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        f.write(b"\0" * 65536)
+
+
+def truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 3)
+
+
+def drop_digest(path: Path) -> None:
+    (path.parent / entries.DIGEST_FILE).unlink()
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (overwrite_middle, "root.tar does not match its SHA-256"),
+        (truncate, "root.tar is 1"),  # "... bytes, N when saved (truncated)"
+        (drop_digest, "no digest.json"),
+    ],
+)
+def test_damaged_stage_entry_is_reported_discarded_and_rebuilt(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: object, said: str
+) -> None:
+    make_tree(tmp_path / "tree")
+    cache = tmp_path / "cache"
+    entry = stagecache.save_tree(cache, "k1", tmp_path / "tree", {})
+    assert entry is not None
+    damage(entry / stagecache.TREE_FILE)  # type: ignore[operator]
+    restored = tmp_path / "restored"
+    assert not stagecache.restore_tree(cache, "k1", restored)
+    err = capsys.readouterr().err
+    assert f"cache entry {entry} is damaged" in err and said in err, err
+    assert "truncated" in err or damage is not truncate
+    assert not entry.exists() and not restored.exists()  # mmdebstrap gets an empty target
+    # The rebuild stores a good entry again, and it is used.
+    assert stagecache.save_tree(cache, "k1", tmp_path / "tree", {}) == entry
+    assert stagecache.restore_tree(cache, "k1", restored)
+    assert (restored / "usr/bin/sudo").read_bytes() == (tmp_path / "tree/usr/bin/sudo").read_bytes()
+
+
+@needs_root
+def test_stage_entry_tar_cannot_read_is_discarded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An entry whose digest matches a broken archive (saved broken) does not
+    fail every later build: it is discarded and the stage rebuilds."""
+    entry = stagecache.entry_dir(tmp_path / "cache", "k1")
+    entry.mkdir(parents=True)
+    (entry / stagecache.TREE_FILE).write_bytes(b"not a tar archive" * 1000)
+    entries.write_digests(entry, [stagecache.TREE_FILE])
+    restored = tmp_path / "restored"
+    assert not stagecache.restore_tree(tmp_path / "cache", "k1", restored)
+    err = capsys.readouterr().err
+    assert "root.tar does not extract" in err and str(entry) in err
+    assert not entry.exists() and not restored.exists()
+
+
+@needs_root
+def test_stage_save_on_a_full_disk_warns_and_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_tree(tmp_path / "tree")
+    with tiny_filesystem(tmp_path / "cache") as cache:
+        assert stagecache.save_tree(cache, "k1", tmp_path / "tree", {}) is None
+        err = capsys.readouterr().err
+        assert "warning: could not save the package stage to the cache" in err, err
+        assert "MiB free there" in err and "going on without" in err
+        assert not [p for p in (cache / "stages").iterdir() if not p.name.endswith(".lock")]
+
+
+def saved_initramfs(tmp_path: Path) -> tuple[Path, Path, str]:
+    """(cache, tree, target in the tree) with an initramfs entry "k" that fits the tree."""
+    tree, cache = tmp_path / "tree", tmp_path / "cache"
+    make_initramfs_tree(tree)
+    (tree / "boot").mkdir()
+    built = tree / "boot/built.img"
+    built.write_bytes(gzip.compress(newc({"usr/bin/busybox": b"busybox binary" * 5000})))
+    assert initramfs.save_initramfs(cache, "k", tree, "boot/built.img")
+    return cache, tree, f"boot/initrd.img-{KVER}"
+
+
+@pytest.mark.parametrize("damage", [truncate, overwrite_middle])
+def test_damaged_initramfs_entry_is_not_used(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: object
+) -> None:
+    cache, tree, target = saved_initramfs(tmp_path)
+    entry = initramfs.entry_dir(cache, "k")
+    damage(entry / initramfs.IMAGE_FILE)  # type: ignore[operator]
+    assert not initramfs.reuse_initramfs(cache, "k", tree, target)
+    err = capsys.readouterr().err
+    assert f"cache entry {entry} is damaged: initrd.img" in err, err
+    assert not entry.exists() and not (tree / target).exists()
+
+
+def test_initramfs_save_on_a_full_disk_warns_and_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = tmp_path / "tree"
+    make_initramfs_tree(tree)
+    (tree / "boot").mkdir()
+    (tree / "boot/built.img").write_bytes(os.urandom(256 * 1024))  # does not fit in 64k
+    if os.geteuid() != 0:
+        pytest.skip("mounts a tmpfs")
+    with tiny_filesystem(tmp_path / "cache") as cache:
+        assert not initramfs.save_initramfs(cache, "k", tree, "boot/built.img")
+        err = capsys.readouterr().err
+        assert "warning: could not save the initramfs to the cache" in err, err
+        assert not initramfs.entry_dir(cache, "k").exists()
+        assert not entries.leftovers(cache / initramfs.INITRAMFS_DIR)
+
+
+def test_prune_skips_an_entry_a_build_holds(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    for kind, key in (("stages", "busy"), ("stages", "idle"), ("initramfs", "busy")):
+        (cache / kind / key).mkdir(parents=True)
+        (cache / kind / key / "data").write_bytes(b"x" * 1000)
+    with stagecache.locked(cache, "busy"), initramfs.locked(cache, "busy"):
+        removed = cacheadmin.prune(cache, everything=True)
+        assert sorted((e.kind, e.name) for e in removed) == [("stage", "idle")]
+        assert (cache / "stages/busy/data").is_file() and (cache / "initramfs/busy").is_dir()
+    removed = cacheadmin.prune(cache, everything=True)
+    assert sorted((e.kind, e.name) for e in removed) == [("initramfs", "busy"), ("stage", "busy")]
+
+
+@needs_root
+def test_deb_cache_hook_on_a_full_disk_does_not_fail_mmdebstrap(tmp_path: Path) -> None:
+    from imagesmith.stages.bootstrap import ARCHIVES, cache_out_hook
+
+    root = tmp_path / "root"
+    archives = root / ARCHIVES.lstrip("/")
+    archives.mkdir(parents=True)
+    (archives / "small_1_all.deb").write_bytes(b"d" * 1000)
+    (archives / "big_1_all.deb").write_bytes(os.urandom(256 * 1024))
+    with tiny_filesystem(tmp_path / "debs") as cache:
+        hook = subprocess.run(
+            ["sh", "-c", cache_out_hook(str(cache)), "sh", str(root)],
+            capture_output=True,
+            text=True,
+        )
+        assert hook.returncode == 0, hook.stderr
+        assert "could not save" in hook.stderr and "big_1_all.deb" in hook.stderr
+        assert sorted(p.name for p in cache.iterdir()) == ["small_1_all.deb"]
