@@ -208,3 +208,25 @@ def test_disk_images_are_read_without_mounting(tmp_path: Path, filesystem: str) 
         assert sorted(line.split(":")[0] for line in result.stdout.splitlines()) == [
             "policy-rc.d", "ssh-host-keys",
         ]  # fmt: skip
+
+
+def test_private_key_findings_are_real_keys_no_package_ships(tmp_path: Path) -> None:
+    from imagesmith.inspect.verify import ScanContext, check_file_contents
+
+    tree = clean_tree(tmp_path / "root")
+    # Code and data that only name the header (a parser, mime magic) hold no key.
+    put(
+        "usr/lib/python3/dist-packages/crypto/ssh.py",
+        'HEADER = b"-----BEGIN OPENSSH PRIVATE KEY-----"\n',
+    )(tree)
+    put("usr/share/mime/magic", "-----BEGIN RSA PRIVATE KEY-----\x00\x01binary\n")(tree)
+    # A test suite's key that a package ships is the distribution's.
+    put("usr/lib/python3/dist-packages/tornado/test/test.key", PEM_KEY)(tree)
+    put(
+        "var/lib/dpkg/info/python3-tornado.list",
+        "/usr/lib/python3/dist-packages/tornado/test/test.key\n",
+    )(tree)
+    # One the build left is a finding.
+    put("etc/vendor/client.key", PEM_KEY)(tree)
+    found = [f.path for f in check_file_contents(tree, ScanContext())]
+    assert found == ["/etc/vendor/client.key"]

@@ -28,7 +28,13 @@ from imagesmith.host.paths import listdir_in_root, lstat_in_root, read_in_root
 from imagesmith.inspect.imagefiles import image_tree
 
 KNOWN_PASSWORDS = ("", "root", "toor", "debian", "password", "admin", "changeme", "123456", "live")
-PRIVATE_KEY = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
+# A whole PEM private key: the header, a base64 body, the footer. The header
+# alone is in plenty of code and data (parsers, mime magic), which is no key.
+PRIVATE_KEY = re.compile(
+    rb"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY-----\r?\n"
+    rb"(?:[A-Za-z0-9-]+: [^\n]*\r?\n)*\s*[A-Za-z0-9+/=\s]{32,}?"
+    rb"-----END \1PRIVATE KEY-----"
+)
 SCAN_MAX_FILE = 256 * 1024
 SCAN_NEVER = ("proc", "sys", "dev", "run")
 # Where no private key or configuration lives: skipped unless the build had secrets.
@@ -114,7 +120,7 @@ def holds_secret(path: str, secrets: list[bytes]) -> bool:
 def check_file_contents(root: Path, scan: ScanContext) -> list[Finding]:
     """One pass over the files: build secrets anywhere in any file (when the
     build had secrets), private keys and secret digests in small files."""
-    findings = []
+    findings, keys = [], []
     secrets = [s.strip() for s in scan.secrets if s.strip()]
     skip = SCAN_NEVER if secrets else SCAN_SKIP_DIRS
     for rel, path, size in tree_files(root, skip):
@@ -131,8 +137,27 @@ def check_file_contents(root: Path, scan: ScanContext) -> list[Finding]:
         if scan.secret_digests and secret_digest(data, scan.secret_key) in scan.secret_digests:
             findings.append(Finding("build-secret", f"/{rel}", "holds a secret the build used"))
         elif PRIVATE_KEY.search(data) and not re.match(r"etc/ssh/ssh_host_\w+_key$", rel):
-            findings.append(Finding("private-key", f"/{rel}", "holds a PEM private key"))
+            keys.append(rel)
+    # A key a Debian package ships (a test suite's, say) is the distribution's,
+    # not one the build left: only keys no package owns are findings.
+    owned = package_files(root) if keys else set()
+    findings += [
+        Finding("private-key", f"/{rel}", "holds a PEM private key no package ships")
+        for rel in keys
+        if f"/{rel}" not in owned
+    ]
     return sorted(findings, key=lambda f: f.path)
+
+
+def package_files(root: Path) -> set[str]:
+    """Every path dpkg says an installed package owns (var/lib/dpkg/info/*.list)."""
+    owned: set[str] = set()
+    for name in listdir_in_root(root, "var/lib/dpkg/info"):
+        if name.endswith(".list"):
+            owned.update(
+                read(root, f"var/lib/dpkg/info/{name}").decode(errors="replace").splitlines()
+            )
+    return owned
 
 
 def check_apt_auth(root: Path, scan: ScanContext) -> list[Finding]:
