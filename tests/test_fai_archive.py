@@ -156,6 +156,7 @@ def test_import_drops_unknown_packages_over_http(tmp_path: Path, http_archive: s
     report = import_fai_space(request)
     line = "package_config/DEMO:2: unknown package nosuchpkg: dropped, as FAI drops it"
     assert line in report.splitlines()
+    assert "looked up in main only" not in report
     assert (tmp_path / "new/FAI-IMPORT.txt").read_text() == report
     toml = (tmp_path / "new/classes/DEMO/class.toml").read_text()
     assert 'install = ["less", "memtest86+", "steam-installer"]' in toml

@@ -108,6 +108,18 @@ def known_packages(req: ImportRequest, fai: FaiClasses, notes: list[Note]) -> se
     )
 
 
+def note_components(
+    req: ImportRequest, fai: FaiClasses, known: set[str] | None, notes: list[Note]
+) -> None:
+    unknown = sum(n.construct.startswith("unknown package ") for n in notes)
+    if known is not None and unknown and import_components(req, fai) == ("main",):
+        notes.append(
+            Note("package_config/", f"{unknown} unknown packages",
+                 "looked up in main only; --components contrib,non-free-firmware,... "
+                 "looks in more")
+        )  # fmt: skip
+
+
 def class_packages(
     req: ImportRequest, fai: FaiClasses, name: str, known: set[str] | None
 ) -> Packages:
@@ -233,6 +245,7 @@ def import_fai_space(req: ImportRequest) -> str:
         known = known_packages(req, fai, notes)
         for name in fai.classes:
             write_class(req, fai, name, known, notes)
+        note_components(req, fai, known, notes)
         write_runtime(req, fai, notes)
         write_image(req, fai, notes)
     except BaseException:
