@@ -104,20 +104,24 @@ def test_package_words_resolved_against_the_names(tmp_path: Path) -> None:
         "less nosuchpkg memtest86+ vim- linux-image-686-pae- mail-transport-agent\n"
         "less+ vim=9 vim:amd64 ${kernel}\n"
         "PACKAGES remove\nnotinarchive vim+\n"
+        "PACKAGES taskinst\nssh-server gnome-desktop\n"
     )
     known = {"less", "memtest86+", "vim", "mail-transport-agent", "linux-image-amd64"}
+    known.add("task-ssh-server")
     out = read_package_config(
         path, "package_config/X", set(), {"kernel": "linux-image-amd64"}, known
     )
     assert out.install == [
         "less/trixie-backports", "memtest86+/trixie-backports",
         "mail-transport-agent/trixie-backports", "less/trixie-backports", "vim=9",
-        "vim:amd64/trixie-backports", "linux-image-amd64/trixie-backports", "vim",
+        "vim:amd64/trixie-backports", "linux-image-amd64/trixie-backports", "vim", "task-ssh-server",
     ]  # fmt: skip
     assert out.remove == ["vim", "notinarchive"]
     assert [n.line() for n in out.notes] == [
         "package_config/X:2: unknown package nosuchpkg: dropped, as FAI drops it",
         "package_config/X:2: unknown package linux-image-686-pae-: dropped, as FAI drops it",
+        "package_config/X:7: unknown task gnome-desktop: dropped: no task-gnome-desktop in the "
+        "archive",
     ]
 
 
@@ -164,3 +168,23 @@ def test_import_drops_unknown_packages_over_http(tmp_path: Path, http_archive: s
     image = (tmp_path / "new/imagesmith.toml").read_text()
     assert f'mirror = "{http_archive}"' in image
     assert 'components = ["main", "contrib"]' in image
+
+
+@needs_root
+def test_new_without_a_script_printing_the_classes_says_so(tmp_path: Path) -> None:
+    """FAI -N defines only what class/ scripts print; -c alone sets
+    $cmdlineclasses, which a space without class/01-classes never echoes."""
+    space = tmp_path / "fai"
+    (space / "class").mkdir(parents=True)
+    (space / "class/10-base").write_text("#!/bin/sh\necho BASE\n")
+    (space / "class/10-base").chmod(0o755)
+    archive = make_archive(tmp_path / "archive")
+    request = ImportRequest(
+        space=space, classes=["BASE", "DEMO"], renew=True, hostname="h", size="",
+        suite="trixie", output=tmp_path / "new", mirror=archive.as_uri(),
+    )  # fmt: skip
+    report = import_fai_space(request).splitlines()
+    assert any(
+        line.startswith("class/: -c class DEMO printed by no class/ script") for line in report
+    )
+    assert not any("-c class BASE" in line for line in report)

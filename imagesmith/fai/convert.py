@@ -220,6 +220,13 @@ def general_notes(req: ImportRequest, fai: FaiClasses) -> list[Note]:
         Note("class/", f"class {n} defined more than once", "kept once, at its last place")
         for n in fai.duplicates
     ]
+    if req.renew:
+        notes += [
+            Note("class/", f"-c class {name} printed by no class/ script",
+                 "not defined, as FAI -N (FAI's class/01-classes echoes $cmdlineclasses)")
+            for name in req.classes
+            if name not in fai.classes
+        ]  # fmt: skip
     notes.append(Note("class/*.var", "variables", "evaluated once, at import (variables.sh)"))
     for name in ("FAI_DEBOOTSTRAP", "release"):
         if name in dict(fai.variables):

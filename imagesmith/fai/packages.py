@@ -168,7 +168,14 @@ def read_package_config(
             if not word:
                 continue
             if action == "taskinst":
-                out.install.append(f"task-{word}")
+                if known is None or f"task-{word}" in known:
+                    out.install.append(f"task-{word}")
+                else:
+                    out.notes.append(
+                        Note(
+                            where, f"unknown task {word}", f"dropped: no task-{word} in the archive"
+                        )
+                    )
                 continue
             resolved = resolve_word(word, action == "remove", known)
             if resolved is None:
