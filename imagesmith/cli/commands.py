@@ -18,7 +18,7 @@ from imagesmith.cache.remote import RemoteEntry, finalize_remote, list_remote
 from imagesmith.config.settings import format_size, parse_size
 from imagesmith.config.space import ResolvedImage, load_config_space, resolve_image
 from imagesmith.errors import ConfigError
-from imagesmith.fai.convert import ImportRequest, import_fai_space
+from imagesmith.fai.convert import ImportRequest, import_fai_space, split_names
 from imagesmith.inspect.lint import lint_config_space
 from imagesmith.inspect.qemu import boot_interactive
 from imagesmith.inspect.summary import print_summary
@@ -221,12 +221,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_fai_import(args: argparse.Namespace) -> int:
     request = ImportRequest(
         space=args.fai_space,
-        classes=[c for c in re.split(r"[,\\s]+", args.classes) if c],
+        classes=list(split_names(args.classes)),
         renew=args.new,
         hostname=args.hostname,
         size=args.size,
         suite=args.suite,
         output=args.output,
+        mirror=args.mirror,
+        components=split_names(args.components),
+        offline=args.offline,
+        cache_dir=default_cache_dir(),
     )
     print(import_fai_space(request), end="")
     print(f"Wrote {args.output}; build it with: imagesmith build -C {args.output}")

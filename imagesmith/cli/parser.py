@@ -238,6 +238,20 @@ def add_fai_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     imp.add_argument("--size", default="", help="disk image size, as fai-diskimage -S")
     imp.add_argument("--suite", default="trixie", help="Debian suite (default: trixie)")
     imp.add_argument(
+        "--mirror", default="", metavar="URI",
+        help="archive to read package names from and build with (default: the build "
+        "host's Debian archive in its apt sources)",
+    )  # fmt: skip
+    imp.add_argument(
+        "--components", default="", metavar="LIST",
+        help="archive components besides main, comma separated (default: those of the space's "
+        "files/etc/apt/sources.list*, else main)",
+    )  # fmt: skip
+    imp.add_argument(
+        "--offline", action="store_true",
+        help="read no package names from the archive: unknown packages are not dropped",
+    )  # fmt: skip
+    imp.add_argument(
         "-o", "--output", type=Path, required=True, metavar="NEW_SPACE",
         help="the imagesmith config space to write (a new folder)",
     )  # fmt: skip

@@ -17,6 +17,7 @@ What the new space holds:
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 from dataclasses import dataclass
@@ -25,13 +26,16 @@ from pathlib import Path
 from imagesmith import log
 from imagesmith.config.classes import BUILTIN_CLASSES
 from imagesmith.errors import ConfigError
+from imagesmith.fai.archive import archive_package_names, space_components
 from imagesmith.fai.classes import FAI_DATA, FaiClasses, resolve_fai_classes
 from imagesmith.fai.diskconfig import disk_config_for, map_disk_config
 from imagesmith.fai.packages import Packages, read_package_config
 from imagesmith.fai.plan import make_plan
 from imagesmith.fai.report import REPORT_FILE, Note, format_report
+from imagesmith.host.aptsources import archive_mirror
 
 RUNTIME = "fai"
+ARCHITECTURE = "amd64"  # the one imagesmith builds
 HELPERS = ("fcopy", "ainsl", "ifclass", "fai-link", "fai-sed", "run-fai")
 RUNNER = """#!/bin/bash
 # Runs the FAI config space's hooks and scripts (see ../fcopy/imagesmith-fai/plan).
@@ -54,6 +58,15 @@ class ImportRequest:
     size: str
     suite: str
     output: Path
+    mirror: str = ""  # empty: the build host's Debian archive
+    components: tuple[str, ...] = ()  # empty: the space's sources, else main
+    offline: bool = False  # read no package names: unknown packages stay
+    cache_dir: Path | None = None  # caches the archive's package names; None: no cache
+
+
+def split_names(text: str) -> tuple[str, ...]:
+    """A comma- or space-separated list from the command line."""
+    return tuple(name for name in re.split(r"[,\s]+", text) if name)
 
 
 def toml_value(value: object) -> str:
@@ -75,19 +88,55 @@ def firmware_classes(classes: tuple[str, ...], notes: list[Note]) -> list[str]:
     return chosen
 
 
-def class_packages(req: ImportRequest, fai: FaiClasses, name: str) -> Packages:
+def import_components(req: ImportRequest, fai: FaiClasses) -> tuple[str, ...]:
+    """main, and --components or else those of the space's apt sources."""
+    found = ["main", *(req.components or space_components(req.space, fai.classes))]
+    return tuple(dict.fromkeys(found))
+
+
+def known_packages(req: ImportRequest, fai: FaiClasses, notes: list[Note]) -> set[str] | None:
+    """The archive's package names, or None with --offline."""
+    if req.offline:
+        notes.append(
+            Note("package_config/", "--offline",
+                 "no package names read: unknown packages stay, `pkg+` is installed as named")
+        )  # fmt: skip
+        return None
+    mirror = archive_mirror(req.mirror)
+    return archive_package_names(
+        mirror, req.suite, import_components(req, fai), ARCHITECTURE, req.cache_dir
+    )
+
+
+def note_components(
+    req: ImportRequest, fai: FaiClasses, known: set[str] | None, notes: list[Note]
+) -> None:
+    unknown = sum(n.construct.startswith("unknown package ") for n in notes)
+    if known is not None and unknown and import_components(req, fai) == ("main",):
+        notes.append(
+            Note("package_config/", f"{unknown} unknown packages",
+                 "looked up in main only; --components contrib,non-free-firmware,... "
+                 "looks in more")
+        )  # fmt: skip
+
+
+def class_packages(
+    req: ImportRequest, fai: FaiClasses, name: str, known: set[str] | None
+) -> Packages:
     path = req.space / "package_config" / name
     if not path.is_file():
         return Packages()
     return read_package_config(
-        path, f"package_config/{name}", set(fai.classes), dict(fai.variables)
+        path, f"package_config/{name}", set(fai.classes), dict(fai.variables), known
     )
 
 
-def write_class(req: ImportRequest, fai: FaiClasses, name: str, notes: list[Note]) -> None:
+def write_class(
+    req: ImportRequest, fai: FaiClasses, name: str, known: set[str] | None, notes: list[Note]
+) -> None:
     folder = req.output / "classes" / image_class_name(name)
     folder.mkdir(parents=True)
-    packages = class_packages(req, fai, name)
+    packages = class_packages(req, fai, name, known)
     notes.extend(packages.notes)
     lines = [f"description = {toml_value(f'FAI class {name}, imported')}"]
     if packages.install or packages.remove:
@@ -144,9 +193,14 @@ def write_runtime(req: ImportRequest, fai: FaiClasses, notes: list[Note]) -> Non
 
 
 def write_image(req: ImportRequest, fai: FaiClasses, notes: list[Note]) -> None:
-    settings: dict[str, str] = {"suite": req.suite, "hostname": req.hostname}
+    settings: dict[str, object] = {"suite": req.suite, "hostname": req.hostname}
     if req.size:
         settings["size"] = req.size
+    if req.mirror:
+        settings["mirror"] = req.mirror
+    components = import_components(req, fai)
+    if components != ("main",):
+        settings["components"] = list(components)
     disk_config = disk_config_for(req.space, fai.classes)
     if disk_config is not None:
         mapping = map_disk_config(disk_config, f"disk_config/{disk_config.name}")
@@ -166,6 +220,13 @@ def general_notes(req: ImportRequest, fai: FaiClasses) -> list[Note]:
         Note("class/", f"class {n} defined more than once", "kept once, at its last place")
         for n in fai.duplicates
     ]
+    if req.renew:
+        notes += [
+            Note("class/", f"-c class {name} printed by no class/ script",
+                 "not defined, as FAI -N (FAI's class/01-classes echoes $cmdlineclasses)")
+            for name in req.classes
+            if name not in fai.classes
+        ]  # fmt: skip
     notes.append(Note("class/*.var", "variables", "evaluated once, at import (variables.sh)"))
     for name in ("FAI_DEBOOTSTRAP", "release"):
         if name in dict(fai.variables):
@@ -188,8 +249,10 @@ def import_fai_space(req: ImportRequest) -> str:
     notes = general_notes(req, fai)
     req.output.mkdir(parents=True, exist_ok=True)
     try:
+        known = known_packages(req, fai, notes)
         for name in fai.classes:
-            write_class(req, fai, name, notes)
+            write_class(req, fai, name, known, notes)
+        note_components(req, fai, known, notes)
         write_runtime(req, fai, notes)
         write_image(req, fai, notes)
     except BaseException:

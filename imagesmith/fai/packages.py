@@ -102,25 +102,32 @@ def expand_variables(word: str, variables: dict[str, str]) -> str:
     return VARIABLE_RE.sub(lambda m: variables.get(m.group(1) or m.group(2), ""), word)
 
 
-def place_word(word: str, removing: bool, known: set[str] | None, out: Packages) -> bool:
-    """Put one package word in the install or remove list, as FAI resolves it.
-    False: the package is unknown."""
-    plain = re.split(r"[/=:]", word, maxsplit=1)[0]
-    if known is None or plain in known:
-        if removing and word.endswith("+") and (known is None or plain not in known):
-            out.install.append(word[:-1])
-        elif not removing and word.endswith("-"):
-            out.remove.append(word[:-1])
-        else:
-            (out.remove if removing else out.install).append(word)
-        return True
+def resolve_known_word(word: str, known: set[str]) -> tuple[str, bool] | None:
+    """(package, install?) as FAI's clean_pkg_list resolves an install-list
+    word against the archive's names; None: the package is unknown."""
+    if word in known:  # also g++, memtest86+
+        return word, True
     if word.endswith("-") and word[:-1] in known:
-        out.remove.append(word[:-1])
-        return True
+        return word[:-1], False
     if word.endswith("+") and word[:-1] in known:
-        out.install.append(word[:-1])
-        return True
-    return False
+        return word[:-1], True
+    plain = re.split(r"[/=]", word, maxsplit=1)[0]
+    if plain in known or plain.split(":", 1)[0] in known:  # pkg/release, pkg=v, pkg:arch
+        return word, True
+    return None
+
+
+def resolve_word(word: str, removing: bool, known: set[str] | None) -> tuple[str, bool] | None:
+    """(package, install?) for one package word, as FAI and apt resolve it;
+    None: the package is unknown (install lists only: FAI passes remove lists
+    to apt unchecked)."""
+    if removing:
+        if word.endswith("+") and (known is None or word not in known):
+            return word[:-1], True  # apt-get purge pkg+ installs pkg
+        return word, False
+    if known is None:  # no names at hand: a trailing - removes, as apt reads it
+        return (word[:-1], False) if word.endswith("-") else (word, True)
+    return resolve_known_word(word, known)
 
 
 def read_package_config(
@@ -161,10 +168,21 @@ def read_package_config(
             if not word:
                 continue
             if action == "taskinst":
-                out.install.append(f"task-{word}")
+                if known is None or f"task-{word}" in known:
+                    out.install.append(f"task-{word}")
+                else:
+                    out.notes.append(
+                        Note(
+                            where, f"unknown task {word}", f"dropped: no task-{word} in the archive"
+                        )
+                    )
                 continue
-            if release and not re.search(r"[/=]", word):
-                word = f"{word}/{release}"
-            if not place_word(word, action == "remove", known, out):
+            resolved = resolve_word(word, action == "remove", known)
+            if resolved is None:
                 out.notes.append(Note(where, f"unknown package {word}", "dropped, as FAI drops it"))
+                continue
+            name, install = resolved
+            if install and release and not re.search(r"[/=]", name):
+                name = f"{name}/{release}"
+            (out.install if install else out.remove).append(name)
     return out
