@@ -148,3 +148,15 @@ def test_reuse_needs_a_matching_entry(tmp_path: Path) -> None:
     assert oct(target.stat().st_mode & 0o777) == "0o644"
     (tree / "usr/bin/busybox").write_bytes(b"other")
     assert not initramfs.reuse_initramfs(cache, "k", tree, f"boot/initrd.img-{KVER}")
+
+
+def test_key_is_the_same_on_any_filesystem(tmp_path: Path) -> None:
+    """tmpfs and ext4 give directories different sizes; the key must not see them."""
+    make_tree(tmp_path)
+    before = initramfs.initramfs_key(tmp_path, KVER)
+    modules = tmp_path / "usr/lib/modules" / KVER / "kernel"
+    for i in range(200):  # grows the directory's own size on most filesystems
+        (modules / f"pad-{i:03d}-{'x' * 100}").mkdir()
+    for i in range(200):
+        (modules / f"pad-{i:03d}-{'x' * 100}").rmdir()
+    assert initramfs.initramfs_key(tmp_path, KVER) == before

@@ -114,7 +114,10 @@ def initramfs_key(tree: Path, kernel_version: str) -> str:
     if modules is not None:
         for path in sorted(_walk(modules)):
             st = path.lstat()
-            digest.update(f"{path.relative_to(modules)}\0{st.st_mode:o}\0{st.st_size}\n".encode())
+            # A directory's size is the filesystem's business (tmpfs and ext4
+            # differ): only files' sizes, or the key differs by work directory.
+            size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+            digest.update(f"{path.relative_to(modules)}\0{st.st_mode:o}\0{size}\n".encode())
         for index in sorted(modules.glob("modules.*")):
             digest.update(index.read_bytes())
     return digest.hexdigest()[:32]
