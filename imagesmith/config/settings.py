@@ -59,7 +59,8 @@ class Setting:
     cli: bool = False  # also settable from `imagesmith build --set`/flags
     pattern: str = ""  # for "str" settings: the value must match this regex
     pattern_help: str = ""
-    # For "bool" switches: the built-in class that applies while the switch is on.
+    # For switches: the built-in class that applies while the switch is on
+    # (a "bool" that is true, or a "choice" that is not "off").
     applies_class: str = ""
 
 
@@ -68,6 +69,7 @@ DISK_OUTPUTS = ("raw", "raw.zst", "qcow2")
 CONTAINER_OUTPUTS = ("oci", "tar")
 FIRMWARES = ("uefi", "bios")
 TARGETS = ("disk", "container")
+SECURE_BOOT_MODES = ("off", "distribution")
 # KEY=VALUE, as in container environments and labels.
 KEY_VALUE = r"[^=\s]+=.*"
 
@@ -168,6 +170,17 @@ SETTINGS: tuple[Setting, ...] = (
         applies_class="new-ssh-host-keys",
     ),
     Setting(
+        "secure_boot",
+        "choice",
+        "off",
+        "UEFI Secure Boot. `distribution`: the distribution's signed chain, Debian's shim "
+        "(signed by Microsoft's UEFI CA) as EFI/BOOT/BOOTX64.EFI, Debian's signed GRUB and "
+        "the signed kernel (the built-in class `secure-boot`). Needs `uefi` in `firmware`; "
+        "the BIOS part of a hybrid image is unchanged. See docs/secure-boot.md.",
+        choices=SECURE_BOOT_MODES,
+        applies_class="secure-boot",
+    ),
+    Setting(
         "uuid_seed",
         "str",
         "",
@@ -230,6 +243,7 @@ class ImageSettings:
     grow_root: bool
     new_fs_uuid: bool
     new_ssh_host_keys: bool
+    secure_boot: str
     uuid_seed: str
     container_entrypoint: tuple[str, ...]
     container_cmd: tuple[str, ...]
@@ -319,10 +333,17 @@ def settings_field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(ImageSettings)]
 
 
+def switch_is_on(value: object) -> bool:
+    """A bool switch that is true, or a choice switch that is not "off"."""
+    return value not in (False, "off", "")
+
+
 def switched_classes(settings: ImageSettings) -> list[tuple[str, str]]:
     """(setting, class) for every switch that is on, in table order."""
     return [
-        (s.name, s.applies_class) for s in SETTINGS if s.applies_class and getattr(settings, s.name)
+        (s.name, s.applies_class)
+        for s in SETTINGS
+        if s.applies_class and switch_is_on(getattr(settings, s.name))
     ]
 
 

@@ -38,6 +38,7 @@ from imagesmith.config.repositories import Repository, repository_from
 from imagesmith.config.settings import (
     CONTAINER_OUTPUTS,
     DISK_OUTPUTS,
+    SETTINGS_BY_NAME,
     ImageSettings,
     check_setting,
     class_switches,
@@ -168,17 +169,36 @@ def check_switched_classes(
     """A class a switch applies is listed only while its switch is on."""
     on = {c for _, c in switched_classes(settings)}
     for class_name, setting in class_switches().items():
+        off, turn_on = switch_words(setting)
         if class_name in listed and class_name not in on:
             raise ConfigError(
-                f"{where}: class {class_name!r} is listed but {setting} = false",
-                hint=f"drop {class_name!r} from the class list, or set {setting} = true",
+                f"{where}: class {class_name!r} is listed but {setting} = {off}",
+                hint=f"drop {class_name!r} from the class list, or set {setting} = {turn_on}",
             )
         if class_name in names and class_name not in on:
             raise ConfigError(
-                f"{where}: a class turned {setting} off after {setting} = true added "
+                f"{where}: a class turned {setting} off after {setting} = {turn_on} added "
                 f"class {class_name!r}",
-                hint=f"set {setting} = false in imagesmith.toml instead",
+                hint=f"set {setting} = {off} in imagesmith.toml instead",
             )
+
+
+def switch_words(setting: str) -> tuple[str, str]:
+    """How a switch is written off and on in TOML: false/true, or "off"/a choice."""
+    row = SETTINGS_BY_NAME[setting]
+    if row.kind == "bool":
+        return "false", "true"
+    return '"off"', " or ".join(f'"{c}"' for c in row.choices if c != "off")
+
+
+def check_secure_boot(settings: ImageSettings, *, where: str) -> None:
+    """Secure Boot is a UEFI matter: the image must boot under UEFI."""
+    if settings.secure_boot != "off" and "uefi" not in settings.boot_firmware:
+        raise ConfigError(
+            f'{where}: secure_boot = "{settings.secure_boot}" but the image boots under '
+            f"{' and '.join(settings.boot_firmware)} only",
+            hint='add the built-in `uefi` class (with `bios` too for a hybrid image), or set secure_boot = "off"',
+        )
 
 
 def resolve_image(
@@ -230,6 +250,7 @@ def resolve_image(
     merged = merge_classes(applied)
     settings = merged_settings(applied)
     if target == "disk":
+        check_secure_boot(settings, where=f"{space.config_file} [images.{name}]")
         check_layout_fits(settings, where=f"{space.config_file} [images.{name}] size")
     repositories = tuple(
         repository_from(r, default_suite=settings.suite) for r in merged.repositories

@@ -18,7 +18,16 @@ Produces:
 - the initramfs, built once, now that every package and hook is in place,
   or taken from the cache when nothing it holds changed (tree/initramfs.py).
 
-Both GRUB images get the prefix `(,gptN)/boot/grub`, N the root partition:
+With `secure_boot = "distribution"` the UEFI path is the distribution's
+signed chain instead (install_signed_chain): shim as BOOTX64.EFI, the signed
+GRUB as grubx64.efi and MokManager (mmx64.efi) beside it, and
+EFI/debian/grub.cfg, where Debian's signed GRUB looks (its prefix is
+/EFI/debian on the disk it was loaded from). That file finds the root
+partition on the disk GRUB came from, as the prefix below does, and reads
+the same /boot/grub/grub.cfg. shim's fallback (fbx64.efi) is left out: at
+the removable path it would write NVRAM entries and reboot.
+
+Both unsigned GRUB images get the prefix `(,gptN)/boot/grub`, N the root partition:
 it names the root partition on whatever disk the firmware booted from. No
 UUID search (filesystem UUIDs may change on first boot), no disk order
 assumption. /boot is a directory of the root filesystem, ext4 or btrfs.
@@ -154,6 +163,52 @@ def install_grub_efi(ctx: BuildContext) -> None:
     )  # fmt: skip
 
 
+SHIM = "usr/lib/shim/shimx64.efi.signed"
+MOK_MANAGER = "usr/lib/shim/mmx64.efi.signed"
+SIGNED_GRUB = "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
+
+
+def signed_grub_cfg_text(ctx: BuildContext) -> str:
+    """EFI/debian/grub.cfg: from the ESP to the root's /boot/grub/grub.cfg.
+
+    The disk comes from $cmdpath, "(hd0,gpt1)/EFI/BOOT"; the partition
+    number is the layout's, so no UUID is needed: new_fs_uuid changes the
+    root filesystem's on first boot. The fs UUID search is a fallback only
+    for a GRUB without `regexp`.
+    """
+    root = ctx.layout.root
+    return (
+        "# Written by imagesmith. Debian's signed GRUB reads this file; it reads\n"
+        "# the image's own /boot/grub/grub.cfg on the root partition of its disk.\n"
+        f"if regexp --set=1:imagesmith_disk '^\\(([^,)]+)' \"$cmdpath\"; then\n"
+        f'    set root="($imagesmith_disk,gpt{root.number})"\n'
+        "else\n"
+        '    echo "imagesmith: no regexp in this GRUB; finding the root by its UUID"\n'
+        f"    search --no-floppy --fs-uuid --set=root {root.fs_uuid}\n"
+        "fi\n"
+        'set prefix="($root)/boot/grub"\n'
+        'configfile "$prefix/grub.cfg"\n'
+    )
+
+
+def install_signed_chain(ctx: BuildContext) -> None:
+    """shim, the signed GRUB and MokManager at the removable path; GRUB's config."""
+    sources = {"BOOTX64.EFI": SHIM, "grubx64.efi": SIGNED_GRUB, "mmx64.efi": MOK_MANAGER}
+    boot_dir = ctx.esp_tree / "EFI/BOOT"
+    boot_dir.mkdir(parents=True, exist_ok=True)
+    for name, source in sources.items():
+        if not (ctx.tree / source).is_file():
+            raise BuildError(
+                f"the image has no /{source} for Secure Boot",
+                hint="the built-in `secure-boot` class installs shim-signed and "
+                'grub-efi-amd64-signed; keep it while secure_boot = "distribution"',
+            )
+        shutil.copyfile(ctx.tree / source, boot_dir / name)
+    vendor_dir = ctx.esp_tree / "EFI/debian"
+    vendor_dir.mkdir(parents=True, exist_ok=True)
+    (vendor_dir / "grub.cfg").write_text(signed_grub_cfg_text(ctx))
+
+
 def install_grub_bios(ctx: BuildContext) -> None:
     """boot.img and core.img into `ctx.bios_dir`, for the assemble stage to place."""
     copy_grub_modules(ctx, "i386-pc", package="grub-pc-bin", klass="bios")
@@ -181,7 +236,10 @@ def configure_boot(ctx: BuildContext) -> None:
     (grub_dir / "grub.cfg").write_text(grub_cfg_text(ctx))
     if "uefi" in firmware:
         (ctx.tree / "boot/efi").mkdir(parents=True, exist_ok=True)
-        install_grub_efi(ctx)
+        if ctx.image.settings.secure_boot == "distribution":
+            install_signed_chain(ctx)
+        else:
+            install_grub_efi(ctx)
     if "bios" in firmware:
         install_grub_bios(ctx)
     ctx.initramfs_cache = build_initramfs(ctx.tree, ctx.kernel_version, ctx.cache_dir)
