@@ -7,6 +7,7 @@ from pathlib import Path
 
 from imagesmith import __version__
 from imagesmith.cli import commands
+from imagesmith.inspect.qemu import QEMU_FIRMWARES
 
 
 def add_config_space_arg(parser: argparse.ArgumentParser) -> None:
@@ -33,10 +34,11 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def add_firmware_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--firmware", choices=("uefi", "bios"),
-        help="boot under UEFI (OVMF) or a PC BIOS (SeaBIOS); default: what the image's "
+        "--firmware", choices=QEMU_FIRMWARES,
+        help="boot under UEFI (OVMF), UEFI with Secure Boot enforced and Microsoft's keys "
+        "enrolled (uefi-secureboot), or a PC BIOS (SeaBIOS); default: what the image's "
         "manifest (IMAGE.manifest.json beside it) records, the first of both for a hybrid "
-        "image, else uefi",
+        "image (uefi-secureboot for an image built with secure_boot), else uefi",
     )  # fmt: skip
 
 

@@ -2,8 +2,13 @@
 VM's scratch files, and `imagesmith boot`. `imagesmith test` is vmtest.py.
 
 Firmware: UEFI is OVMF in pflash; BIOS is QEMU's own SeaBIOS (no pflash).
-The default is what the manifest beside the image (IMAGE.manifest.json)
-records, the first of its firmware for a hybrid image, else UEFI. A
+`uefi-secureboot` is OVMF built with Secure Boot and a copy of variables
+with Microsoft's keys enrolled (OVMF_VARS_4M.ms.fd), so Secure Boot is
+enforced from the first boot; it needs SMM on q35 and a secure pflash, or
+OVMF hangs. The default is what the manifest beside the image
+(IMAGE.manifest.json) records, the first of its firmware for a hybrid
+image, else UEFI; `uefi-secureboot` for UEFI when it was built with
+secure_boot on. A
 `.raw.zst` image is decompressed into the scratch directory first.
 """
 
@@ -33,6 +38,14 @@ FIRMWARE_PAIRS = (
     ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
     ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
 )
+SECURE_BOOT_FIRMWARE_PAIRS = (
+    ("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd", "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"),
+    ("/usr/share/OVMF/OVMF_CODE.secboot.fd", "/usr/share/OVMF/OVMF_VARS.ms.fd"),
+    ("/usr/share/edk2/ovmf/OVMF_CODE.secboot.fd", "/usr/share/edk2/ovmf/OVMF_VARS.secboot.fd"),
+)
+# What `imagesmith test` and `boot` can boot under: the image's firmware,
+# and UEFI with Secure Boot enforced.
+QEMU_FIRMWARES = ("uefi", "uefi-secureboot", "bios")
 # QEMU's words when KVM cannot run this guest here: it pauses the guest on an
 # internal error, or aborts at start (an MSR the host refuses).
 KVM_FAILURE = re.compile(
@@ -61,12 +74,13 @@ def die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def find_firmware() -> tuple[Path, Path]:
-    for code, variables in FIRMWARE_PAIRS:
+def find_firmware(*, secure_boot: bool = False) -> tuple[Path, Path]:
+    pairs = SECURE_BOOT_FIRMWARE_PAIRS if secure_boot else FIRMWARE_PAIRS
+    for code, variables in pairs:
         if os.path.exists(code) and os.path.exists(variables):
             return Path(code), Path(variables)
     raise ConfigError(
-        "no UEFI firmware (OVMF) found",
+        f"no UEFI firmware (OVMF{' with Secure Boot' if secure_boot else ''}) found",
         hint="run `make setup`, which installs the ovmf package",
     )
 
@@ -105,23 +119,44 @@ def disk_format(image: Path) -> str:
 
 
 def built_firmware(image: Path) -> tuple[str, ...]:
-    """The firmware the image was built for, from its manifest; () when unknown."""
+    """The firmware the image was built for, from its manifest; () when unknown.
+
+    An image built with secure_boot on boots under `uefi-secureboot` first,
+    then under plain `uefi` (shim runs without Secure Boot too).
+    """
     try:
         manifest = json.loads(manifest_for(image).read_text())
     except (OSError, ValueError):
         return ()
     firmware = manifest.get("firmware", [])
-    return tuple(f for f in firmware if f in FIRMWARES) if isinstance(firmware, list) else ()
+    if not isinstance(firmware, list):
+        return ()
+    settings = manifest.get("settings")
+    secure = isinstance(settings, dict) and settings.get("secure_boot", "off") != "off"
+    built: list[str] = []
+    for name in firmware:
+        if name in FIRMWARES:
+            built += ["uefi-secureboot", name] if secure and name == "uefi" else [name]
+    return tuple(built)
+
+
+def firmware_base(firmware: str) -> str:
+    """The image firmware a QEMU firmware boots: uefi-secureboot is UEFI."""
+    return "uefi" if firmware == "uefi-secureboot" else firmware
 
 
 def pick_firmware(image: Path, requested: str | None) -> str:
-    """--firmware if given (and the image was built for it), else the manifest's first."""
+    """--firmware if given (and the image was built for it), else the manifest's first.
+
+    Any UEFI image may boot under `uefi-secureboot`: an image without a
+    signed chain is then refused, which is how a refusal is shown.
+    """
     built = built_firmware(image)
     if requested is None:
         return built[0] if built else "uefi"
-    if requested not in FIRMWARES:
-        raise ConfigError(f"--firmware {requested!r}: expected one of {', '.join(FIRMWARES)}")
-    if built and requested not in built:
+    if requested not in QEMU_FIRMWARES:
+        raise ConfigError(f"--firmware {requested!r}: expected one of {', '.join(QEMU_FIRMWARES)}")
+    if built and firmware_base(requested) not in built:
         raise ConfigError(
             f"{image} was built for {' and '.join(built)} only "
             f"({manifest_for(image).name}); it cannot boot under {requested}",
@@ -143,21 +178,29 @@ def qemu_argv(
     smbios: list[str] = [],  # noqa: B006 - never mutated
     forwards: dict[int, int] | None = None,  # host port on 127.0.0.1 -> guest TCP port
     firmware_log: Path | None = None,
+    secure_boot: bool = False,
 ) -> list[str]:
     """Without firmware_code, QEMU boots its default PC BIOS (SeaBIOS).
 
     `firmware_log` captures SeaBIOS's debug port (0x402), our signal that
-    the BIOS got as far as booting the disk.
+    the BIOS got as far as booting the disk. `secure_boot` gives OVMF's
+    Secure Boot build what it needs: SMM, a pflash only SMM may write, and
+    no S3 (OVMF refuses S3 with SMM).
     """
     nic = "user,model=virtio-net-pci" + "".join(
         f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in (forwards or {}).items()
     )
     argv = [
         "qemu-system-x86_64",
-        "-machine", f"q35,accel={accel}",
+        "-machine", f"q35,{'smm=on,' if secure_boot else ''}accel={accel}",
         "-cpu", "host" if accel == "kvm" else "max",
         "-smp", str(vcpus), "-m", str(memory),
     ]  # fmt: skip
+    if secure_boot:
+        argv += [
+            "-global", "driver=cfi.pflash01,property=secure,value=on",
+            "-global", "ICH9-LPC.disable_s3=1",
+        ]  # fmt: skip
     if firmware_code is not None and firmware_vars is not None:
         argv += [
             "-drive", f"if=pflash,format=raw,unit=0,file={firmware_code},readonly=on",
@@ -194,7 +237,11 @@ def vm_scratch(image: Path, *, in_place: bool, firmware: str) -> Iterator[VmFile
     """A scratch dir with a copy of the firmware variables and the disk to boot."""
     if not image.is_file():
         raise ConfigError(f"{image}: no such image file")
-    code, variables = find_firmware() if firmware == "uefi" else (None, None)
+    code, variables = (
+        find_firmware(secure_boot=firmware == "uefi-secureboot")
+        if firmware_base(firmware) == "uefi"
+        else (None, None)
+    )
     fmt = disk_format(image)
     if fmt == "zstd" and in_place:
         raise ConfigError(
@@ -242,6 +289,7 @@ def boot_interactive(
                 disk=vm.disk, disk_fmt=vm.disk_fmt, firmware_code=vm.firmware_code,
                 firmware_vars=vm.firmware_vars, accel=accel, memory=memory,
                 serial=["mon:stdio"], forwards={ssh_port: 22} if ssh_port else None,
+                secure_boot=firmware == "uefi-secureboot",
             )  # fmt: skip
             log.info(f"booting {image} under {firmware}, {accel} (Ctrl-A X quits QEMU)")
             log.debug(format_command(argv))

@@ -16,6 +16,10 @@ stopped and the console's tail is shown. `write_report()` keeps every
 check's output as JSON, for checks that read values out of the guest.
 Needs systemd 256 or newer in the guest (trixie and later).
 
+Under `uefi-secureboot` the runner also checks that Secure Boot is on in
+the guest, and a boot that OVMF or shim refuses (a binary whose signature
+does not verify) ends at once as "refused", with the console's line.
+
 QEMU's own failures are survived: KVM that cannot run the guest here falls
 back to TCG, and TCG's code-patching race (qemu.py) boots again with one vCPU.
 """
@@ -69,6 +73,14 @@ StandardOutput=journal+console
 """
 UNIT_FAILED = "Failed to start imagesmith-check.service"
 CHECK_DROPIN = "[Unit]\nWants=imagesmith-check.service\n"
+# OVMF: "failed to load Boot0002 ...: Access Denied"; shim: "Verification
+# failed: (0x1A) Security Violation" for a second stage it will not start.
+SECURE_BOOT_REFUSAL = re.compile(
+    r"^.*(Access Denied|Security Violation|Verification failed).*$", re.MULTILINE
+)
+KERNEL_START = "Linux version"
+# In the checks payload: the guest must report Secure Boot on.
+EXPECT_SECURE_BOOT = "expect-secure-boot"
 
 
 @dataclass
@@ -106,15 +118,18 @@ class TestResult:
         return "\n".join(lines)
 
 
-def checks_payload(nonce: str, checks_dir: Path | None) -> bytes:
-    """tar.gz of the runner, the nonce and the user's check scripts."""
+def checks_payload(nonce: str, checks_dir: Path | None, *, secure_boot: bool = False) -> bytes:
+    """tar.gz of the runner, the nonce, what to expect and the user's check scripts."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(GUEST_DIR / "run-checks", arcname="run-checks")
-        data = nonce.encode()
-        info = tarfile.TarInfo("nonce")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+        files = {"nonce": nonce.encode()}
+        if secure_boot:
+            files[EXPECT_SECURE_BOOT] = b"1\n"
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
         if checks_dir is not None:
             if not checks_dir.is_dir():
                 raise ConfigError(f"{checks_dir}: --checks must be a directory")
@@ -149,7 +164,10 @@ def test_image(
     smbios = [
         credential("systemd.extra-unit.imagesmith-check.service", CHECK_UNIT.encode()),
         credential("systemd.unit-dropin.multi-user.target", CHECK_DROPIN.encode()),
-        credential("imagesmith.checks", checks_payload(nonce, checks_dir)),
+        credential(
+            "imagesmith.checks",
+            checks_payload(nonce, checks_dir, secure_boot=firmware == "uefi-secureboot"),
+        ),
     ]
     started = time.monotonic()
     accel, vcpus = pick_accel(firmware), VCPUS
@@ -163,13 +181,14 @@ def test_image(
                 disk=vm.disk, disk_fmt=vm.disk_fmt, firmware_code=vm.firmware_code,
                 firmware_vars=vm.firmware_vars, accel=accel, memory=memory, vcpus=vcpus,
                 serial=[f"file:{console}", f"file:{report}"], smbios=smbios,
-                firmware_log=firmware_log,
+                firmware_log=firmware_log, secure_boot=firmware == "uefi-secureboot",
             )  # fmt: skip
             log.info(f"testing {image} under QEMU ({firmware}, {accel}), timeout {timeout}s")
             result = watch_vm(
                 argv, console, report, nonce, timeout, scratch,
                 kvm=accel == "kvm", firmware_log=firmware_log,
                 tcg_race=accel == "tcg" and vcpus > 1,
+                secure_boot=firmware == "uefi-secureboot",
             )  # fmt: skip
             if result == "kvm-failed" and accel == "kvm":
                 why = KVM_FAILURE.search(read_text(scratch / "qemu.err"))
@@ -203,25 +222,29 @@ def test_result(
 ) -> TestResult:
     """What `watch_vm` saw and the guest reported, as a TestResult."""
     report = read_text(scratch / "checks.log")
+    console = read_text(scratch / "console.log")
     passed = result == "done" and parse_report(report, nonce) == "PASS"
     reasons = {
         "done": "all checks passed in the guest" if passed else "checks failed in the guest",
         "timeout": f"no result from the guest within {timeout}s",
         "exited": "QEMU exited before the guest reported",
         "check-unit-failed": "the check runner could not start in the guest (see console)",
+        "refused": "Secure Boot refused to start the boot path (see console)",
     }
     test = TestResult(
         image=image,
         passed=passed,
         reason=reasons.get(result, result),
         checks=parse_checks(report, nonce),
-        console_tail=read_text(scratch / "console.log").splitlines()[-30:],
+        console_tail=console.splitlines()[-30:],
         duration=time.monotonic() - started,
         accel=accel,
         firmware=firmware,
     )
     if result == "exited":
         test.details += read_text(scratch / "qemu.err").splitlines()[-10:]
+    if result == "refused" and (m := SECURE_BOOT_REFUSAL.search(console)):
+        test.details.append(f"  refused: {m.group(0).strip()}")
     return test
 
 
@@ -236,6 +259,7 @@ def watch_vm(
     kvm: bool,
     firmware_log: Path | None = None,
     tcg_race: bool = False,
+    secure_boot: bool = False,
 ) -> str:
     """Run QEMU until the guest reports, QEMU exits, or the timeout.
 
@@ -244,6 +268,7 @@ def watch_vm(
     the disk within SEABIOS_KVM_GRACE seconds. With `tcg_race` (TCG with
     more than one vCPU), a guest oops from TCG's code-patching race ends
     the boot at once as "tcg-race", for the caller to boot again with one.
+    With `secure_boot`, OVMF's or shim's refusal ends it as "refused".
     """
     log.debug(format_command(argv))
     started = time.monotonic()
@@ -267,6 +292,9 @@ def watch_vm(
                     return "check-unit-failed"
                 if tcg_race and TCG_CODE_PATCH_RACE in text:
                     return "tcg-race"
+                # Only the firmware's and shim's words count, not the kernel's.
+                if secure_boot and SECURE_BOOT_REFUSAL.search(text.partition(KERNEL_START)[0]):
+                    return "refused"
                 # On a KVM internal error QEMU pauses the guest and lives on.
                 if kvm and KVM_FAILURE.search(read_text(qemu_err)):
                     return "kvm-failed"
@@ -313,6 +341,7 @@ def write_report(result: TestResult, target: Path) -> None:
         "reason": result.reason,
         "duration": round(result.duration, 1),
         "accel": result.accel,
+        "firmware": result.firmware,
         "checks": [{"name": c.name, "passed": c.passed, "output": c.output} for c in result.checks],
     }
     target.write_text(json.dumps(data, indent=2) + "\n")
