@@ -112,7 +112,10 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    findings, waived = verify_image_file(args.image_file, args.manifest)
+    result = verify_image_file(args.image_file, args.manifest)
+    findings, waived = result.findings, result.waived
+    for binary in result.boot_path:
+        print(f"secure boot: {binary.line()}")
     for finding in waived:
         print(f"waived: {finding.line()}")
     for finding in findings:

@@ -5,6 +5,7 @@
   partition (the discoverable root type, else the largest partition) is
   copied out, holes kept, and its files extracted by the filesystem's own
   offline tools: `debugfs rdump` for ext4, `btrfs restore` for btrfs.
+- The ESP's EFI folder comes out with mtools (`mcopy -i DISK@@OFFSET`).
 
 No loop devices, no mounts: this works in the same containers the build does.
 """
@@ -18,8 +19,9 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from imagesmith.config.layout import ROOT_TYPES, SECTOR
+from imagesmith.config.layout import ESP_TYPE, ROOT_TYPES, SECTOR
 from imagesmith.disk.sparse import copy_sparse_range
 from imagesmith.errors import ConfigError
 from imagesmith.host.run import run
@@ -30,12 +32,23 @@ def is_qcow2(path: Path) -> bool:
         return f.read(4) == b"QFI\xfb"
 
 
-def root_partition(disk: Path) -> tuple[int, int]:
-    """(offset, size) in bytes of the root partition of a GPT disk image."""
+def partitions_of(disk: Path) -> list[dict[str, Any]]:
     out = run(["sfdisk", "-J", os.fspath(disk)], capture=True, what="sfdisk -J").stdout
-    partitions = json.loads(out)["partitiontable"].get("partitions", [])
+    partitions: list[dict[str, Any]] = json.loads(out)["partitiontable"].get("partitions", [])
     if not partitions:
         raise ConfigError(f"{disk}: no partitions found")
+    return partitions
+
+
+def esp_offset(disk: Path) -> int | None:
+    """Byte offset of the EFI system partition, None without one."""
+    esp = [p for p in partitions_of(disk) if p.get("type", "").upper() == ESP_TYPE]
+    return esp[0]["start"] * SECTOR if esp else None
+
+
+def root_partition(disk: Path) -> tuple[int, int]:
+    """(offset, size) in bytes of the root partition of a GPT disk image."""
+    partitions = partitions_of(disk)
     root_types = {t.upper() for t in ROOT_TYPES.values()}
     chosen = next(
         (p for p in partitions if p.get("type", "").upper() in root_types),
@@ -71,8 +84,39 @@ def extract_filesystem(image: Path, dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def image_tree(image_file: Path) -> Iterator[Path]:
-    """Yield a temporary directory holding the image's root tree."""
+def raw_disk(image_file: Path) -> Iterator[Path]:
+    """The image as a raw disk file: itself, or a raw copy of a qcow2."""
+    if not is_qcow2(image_file):
+        yield image_file
+        return
+    with tempfile.TemporaryDirectory(prefix="imagesmith-raw-") as tmp:
+        disk = Path(tmp) / "disk.raw"
+        run(
+            ["qemu-img", "convert", "-O", "raw", os.fspath(image_file), os.fspath(disk)],
+            what="qemu-img convert",
+        )
+        yield disk
+
+
+def copy_esp_efi(disk: Path, dest: Path) -> bool:
+    """The ESP's /EFI folder into `dest`; False when the disk has no ESP."""
+    offset = esp_offset(disk)
+    if offset is None:
+        return False
+    run(
+        ["mcopy", "-s", "-n", "-i", f"{os.fspath(disk)}@@{offset}", "::/EFI", os.fspath(dest)],
+        capture=True,
+        what="mcopy (the ESP's EFI folder)",
+    )
+    return True
+
+
+@contextlib.contextmanager
+def image_tree(image_file: Path, *, esp: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary directory holding the image's root tree.
+
+    With `esp`, a disk image's ESP /EFI folder is copied there too.
+    """
     if not image_file.is_file():
         raise ConfigError(f"{image_file}: no such file")
     with tempfile.TemporaryDirectory(prefix="imagesmith-verify-") as tmp:
@@ -84,17 +128,13 @@ def image_tree(image_file: Path) -> Iterator[Path]:
                 tar.extractall(tree, filter="fully_trusted")
             yield tree
             return
-        disk = image_file
-        if is_qcow2(image_file):
-            disk = work / "disk.raw"
-            run(
-                ["qemu-img", "convert", "-O", "raw", os.fspath(image_file), os.fspath(disk)],
-                what="qemu-img convert",
-            )
-        offset, size = root_partition(disk)
-        part = work / "root.img"
-        with part.open("wb") as f:
-            f.truncate(size)
-        copy_sparse_range(disk, part, src_offset=offset, length=size)
+        with raw_disk(image_file) as disk:
+            if esp is not None:
+                copy_esp_efi(disk, esp)
+            offset, size = root_partition(disk)
+            part = work / "root.img"
+            with part.open("wb") as f:
+                f.truncate(size)
+            copy_sparse_range(disk, part, src_offset=offset, length=size)
         extract_filesystem(part, tree)
         yield tree
