@@ -76,7 +76,7 @@ CHECK_DROPIN = "[Unit]\nWants=imagesmith-check.service\n"
 # OVMF: "failed to load Boot0002 ...: Access Denied"; shim: "Verification
 # failed: (0x1A) Security Violation" for a second stage it will not start.
 SECURE_BOOT_REFUSAL = re.compile(
-    r"^.*(Access Denied|Security Violation|Verification failed).*$", re.MULTILINE
+    r"^.*(?:Access Denied|Security Violation|Verification failed).*$", re.MULTILINE
 )
 KERNEL_START = "Linux version"
 # In the checks payload: the guest must report Secure Boot on.
@@ -243,7 +243,7 @@ def test_result(
     )
     if result == "exited":
         test.details += read_text(scratch / "qemu.err").splitlines()[-10:]
-    if result == "refused" and (m := SECURE_BOOT_REFUSAL.search(console)):
+    if result == "refused" and (m := SECURE_BOOT_REFUSAL.search(plain_text(console))):
         test.details.append(f"  refused: {m.group(0).strip()}")
     return test
 
@@ -312,6 +312,12 @@ def watch_vm(
                 time.sleep(0.5)
         finally:
             stop_process(proc)
+
+
+def plain_text(console: str) -> str:
+    """Console text without terminal escapes and box drawing: shim draws its errors."""
+    text = re.sub(r"\x1b\[[0-9;?=]*[A-Za-z]", "\n", console)
+    return re.sub(r"[^\x20-\x7e\n]+", "\n", text)
 
 
 def parse_report(text: str, nonce: str) -> str:
