@@ -14,6 +14,7 @@ import pytest
 
 from imagesmith.config.space import load_config_space, resolve_image
 from imagesmith.errors import ConfigError
+from imagesmith.host.signing import make_key_set
 from imagesmith.inspect import qemu
 from imagesmith.inspect.secureboot import authenticode_sha256, certificate_table, signature_matches
 from imagesmith.stages.bootsetup import signed_grub_cfg_text
@@ -151,3 +152,38 @@ def test_a_changed_byte_no_longer_matches_the_signature() -> None:
     rechecksummed = bytearray(signed)
     rechecksummed[0x84 + 20 + 64] = 0x55
     assert signature_matches(bytes(rechecksummed))
+
+
+def test_own_keys_need_a_key_set(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match='secure_boot = "own" needs secure_boot_keys'):
+        resolve(tmp_path, '["base", "uefi"]', 'secure_boot = "own"')
+    keys = tmp_path / "keys"
+    with pytest.raises(ConfigError, match=f"no {keys}/db.key"):
+        resolve(tmp_path, '["base", "uefi"]', f'secure_boot = "own"\nsecure_boot_keys = "{keys}"')
+
+
+def test_own_keys_must_not_live_in_the_config_space(tmp_path: Path) -> None:
+    keys = tmp_path / "space" / "keys"
+    keys.mkdir(parents=True)
+    settings = f'secure_boot = "own"\nsecure_boot_keys = "{keys}"'
+    with pytest.raises(ConfigError, match="inside the config space"):
+        resolve(tmp_path, '["base", "uefi"]', settings)
+
+
+def test_key_set_is_made_once_and_never_overwritten(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    made = make_key_set(keys, common_name="unit test key")
+    assert [p.name for p in made] == ["db.key", "db.crt", "db.der"]
+    assert (keys / "db.key").stat().st_mode & 0o777 == 0o600
+    assert b"PRIVATE KEY" in (keys / "db.key").read_bytes()
+    before = (keys / "db.key").read_bytes()
+    with pytest.raises(ConfigError, match="never overwrites"):
+        make_key_set(keys, common_name="unit test key")
+    assert (keys / "db.key").read_bytes() == before
+
+
+def test_mok_needs_secure_boot_firmware(tmp_path: Path) -> None:
+    image = write_manifest(tmp_path, ["uefi"], "own")
+    with pytest.raises(ConfigError, match="--mok needs Secure Boot firmware"):
+        with qemu.vm_scratch(image, in_place=True, firmware="uefi", mok=tmp_path / "db.crt"):
+            pass

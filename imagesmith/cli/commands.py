@@ -15,6 +15,7 @@ from imagesmith.cache import admin as cacheadmin
 from imagesmith.config.settings import format_size, parse_size
 from imagesmith.config.space import ResolvedImage, load_config_space, resolve_image
 from imagesmith.errors import ConfigError
+from imagesmith.host.signing import make_key_set
 from imagesmith.inspect.lint import lint_config_space
 from imagesmith.inspect.qemu import boot_interactive
 from imagesmith.inspect.summary import print_summary
@@ -92,6 +93,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         snapshot=args.snapshot,
         ssh_port=args.ssh_port,
         firmware=args.firmware,
+        mok=args.mok,
     )
 
 
@@ -104,11 +106,23 @@ def cmd_test(args: argparse.Namespace) -> int:
         in_place=args.in_place,
         console_log=args.console_log,
         firmware=args.firmware,
+        mok=args.mok,
     )
     if args.report is not None:
         write_report(result, args.report)
     print(result.summary())
     return 0 if result.passed else 1
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    for path in make_key_set(args.target, common_name=args.name):
+        print(path)
+    print(
+        f"{args.target}: db.key is the private key: keep it on the build host, outside the "
+        "config space; enrol db.crt or db.der (see docs/secure-boot.md)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

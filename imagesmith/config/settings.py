@@ -69,7 +69,7 @@ DISK_OUTPUTS = ("raw", "raw.zst", "qcow2")
 CONTAINER_OUTPUTS = ("oci", "tar")
 FIRMWARES = ("uefi", "bios")
 TARGETS = ("disk", "container")
-SECURE_BOOT_MODES = ("off", "distribution")
+SECURE_BOOT_MODES = ("off", "distribution", "own")
 # KEY=VALUE, as in container environments and labels.
 KEY_VALUE = r"[^=\s]+=.*"
 
@@ -176,9 +176,21 @@ SETTINGS: tuple[Setting, ...] = (
         "UEFI Secure Boot. `distribution`: the distribution's signed chain, Debian's shim "
         "(signed by Microsoft's UEFI CA) as EFI/BOOT/BOOTX64.EFI, Debian's signed GRUB and "
         "the signed kernel (the built-in class `secure-boot`). Needs `uefi` in `firmware`; "
-        "the BIOS part of a hybrid image is unchanged. See docs/secure-boot.md.",
+        "the BIOS part of a hybrid image is unchanged. `own`: the distribution's shim, then "
+        "GRUB built by imagesmith and the kernel, both signed with the key set in "
+        "`secure_boot_keys`, trusted as a MOK. See docs/secure-boot.md.",
         choices=SECURE_BOOT_MODES,
         applies_class="secure-boot",
+    ),
+    Setting(
+        "secure_boot_keys",
+        "str",
+        "",
+        'For secure_boot = "own": the folder holding db.key and db.crt, made by '
+        "`imagesmith keys`; an absolute path outside the config space. The private key "
+        "signs at build time and never enters the image, the manifest or a cache.",
+        pattern=r"(/\S*)?",
+        pattern_help="an absolute path, or empty",
     ),
     Setting(
         "uuid_seed",
@@ -244,6 +256,7 @@ class ImageSettings:
     new_fs_uuid: bool
     new_ssh_host_keys: bool
     secure_boot: str
+    secure_boot_keys: str
     uuid_seed: str
     container_entrypoint: tuple[str, ...]
     container_cmd: tuple[str, ...]

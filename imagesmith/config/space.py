@@ -191,14 +191,33 @@ def switch_words(setting: str) -> tuple[str, str]:
     return '"off"', " or ".join(f'"{c}"' for c in row.choices if c != "off")
 
 
-def check_secure_boot(settings: ImageSettings, *, where: str) -> None:
-    """Secure Boot is a UEFI matter: the image must boot under UEFI."""
+def check_secure_boot(settings: ImageSettings, config_space: Path, *, where: str) -> None:
+    """Secure Boot is a UEFI matter; own keys must be there, outside the config space."""
     if settings.secure_boot != "off" and "uefi" not in settings.boot_firmware:
         raise ConfigError(
             f'{where}: secure_boot = "{settings.secure_boot}" but the image boots under '
             f"{' and '.join(settings.boot_firmware)} only",
             hint='add the built-in `uefi` class (with `bios` too for a hybrid image), or set secure_boot = "off"',
         )
+    if settings.secure_boot != "own":
+        return
+    keys = Path(settings.secure_boot_keys)
+    if not settings.secure_boot_keys:
+        raise ConfigError(
+            f'{where}: secure_boot = "own" needs secure_boot_keys',
+            hint="make a key set with `imagesmith keys DIR` and set secure_boot_keys = DIR",
+        )
+    if keys.resolve().is_relative_to(config_space.resolve()):
+        raise ConfigError(
+            f"{where}: secure_boot_keys {keys} is inside the config space",
+            hint="private keys must live outside the config space",
+        )
+    for name in ("db.key", "db.crt"):
+        if not (keys / name).is_file():
+            raise ConfigError(
+                f"{where}: secure_boot_keys: no {keys / name}",
+                hint=f"make a key set with `imagesmith keys {keys}`",
+            )
 
 
 def resolve_image(
@@ -250,7 +269,7 @@ def resolve_image(
     merged = merge_classes(applied)
     settings = merged_settings(applied)
     if target == "disk":
-        check_secure_boot(settings, where=f"{space.config_file} [images.{name}]")
+        check_secure_boot(settings, space.path, where=f"{space.config_file} [images.{name}]")
         check_layout_fits(settings, where=f"{space.config_file} [images.{name}] size")
     repositories = tuple(
         repository_from(r, default_suite=settings.suite) for r in merged.repositories

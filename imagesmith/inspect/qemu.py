@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -232,11 +233,51 @@ class VmFiles:
     firmware_vars: Path | None
 
 
+# shim's own GUID, the owner of the certificates in its MOK list.
+SHIM_LOCK_GUID = "605dab50-e046-4300-abb6-3dd810dd8b23"
+
+
+def virt_fw_vars() -> str:
+    """virt-fw-vars (PyPI virt-firmware) on PATH or beside this Python."""
+    found = shutil.which("virt-fw-vars") or shutil.which(
+        "virt-fw-vars", path=os.path.dirname(sys.executable)
+    )
+    if found is None:
+        raise ConfigError(
+            "--mok needs virt-fw-vars, which is not installed",
+            hint="pip install virt-firmware (make setup does), or apt install "
+            "python3-virt-firmware on Debian 13",
+        )
+    return found
+
+
+def enrol_mok(variables: Path, cert: Path) -> None:
+    """Add `cert` to shim's MOK list in the firmware variables file, in place."""
+    if not cert.is_file():
+        raise ConfigError(f"--mok {cert}: no such certificate file")
+    enrolled = variables.with_name("vars-mok.fd")
+    run(
+        [
+            virt_fw_vars(), "--input", os.fspath(variables), "--output", os.fspath(enrolled),
+            "--add-mok", SHIM_LOCK_GUID, os.fspath(cert),
+        ],
+        capture=True, what="virt-fw-vars --add-mok",
+    )  # fmt: skip
+    os.replace(enrolled, variables)
+
+
 @contextlib.contextmanager
-def vm_scratch(image: Path, *, in_place: bool, firmware: str) -> Iterator[VmFiles]:
+def vm_scratch(
+    image: Path, *, in_place: bool, firmware: str, mok: Path | None = None
+) -> Iterator[VmFiles]:
     """A scratch dir with a copy of the firmware variables and the disk to boot."""
     if not image.is_file():
         raise ConfigError(f"{image}: no such image file")
+    if mok is not None and firmware != "uefi-secureboot":
+        raise ConfigError(
+            f"--mok needs Secure Boot firmware, not {firmware}",
+            hint="add --firmware uefi-secureboot",
+        )
     code, variables = (
         find_firmware(secure_boot=firmware == "uefi-secureboot")
         if firmware_base(firmware) == "uefi"
@@ -254,6 +295,8 @@ def vm_scratch(image: Path, *, in_place: bool, firmware: str) -> Iterator[VmFile
         if variables is not None:
             vars_copy = scratch / "vars.fd"
             shutil.copyfile(variables, vars_copy)
+            if mok is not None:
+                enrol_mok(vars_copy, mok)
         disk = image.resolve()
         if fmt == "zstd":
             require_tools("zstd")
@@ -279,12 +322,13 @@ def boot_interactive(
     snapshot: bool,
     ssh_port: int | None = None,
     firmware: str | None = None,
+    mok: Path | None = None,
 ) -> int:
     require_tools("qemu-system-x86_64", "qemu-img")
     firmware = pick_firmware(image, firmware)
     accel = pick_accel(firmware)
     while True:
-        with vm_scratch(image, in_place=not snapshot, firmware=firmware) as vm:
+        with vm_scratch(image, in_place=not snapshot, firmware=firmware, mok=mok) as vm:
             argv = qemu_argv(
                 disk=vm.disk, disk_fmt=vm.disk_fmt, firmware_code=vm.firmware_code,
                 firmware_vars=vm.firmware_vars, accel=accel, memory=memory,

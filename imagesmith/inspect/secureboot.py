@@ -97,6 +97,18 @@ def authenticode_sha256(data: bytes) -> bytes:
     return digest.digest()
 
 
+def pe_section(data: bytes, name: str) -> bytes:
+    """The raw data of the PE section `name` (such as ".sbat"), b"" without one."""
+    coff = u32(data, 0x3C) + 4
+    sections, optional_size = u16(data, coff + 2), u16(data, coff + 16)
+    for i in range(sections):
+        header = coff + 20 + optional_size + 40 * i
+        if data[header : header + 8].rstrip(b"\0") == name.encode():
+            size, pointer = u32(data, header + 16), u32(data, header + 20)
+            return data[pointer : pointer + size]
+    return b""
+
+
 def signature_matches(data: bytes) -> bool:
     """True when the file's Authenticode digest is in its certificate table."""
     _, table, size = certificate_table(data)

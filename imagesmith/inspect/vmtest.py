@@ -157,6 +157,7 @@ def test_image(
     in_place: bool = False,
     console_log: Path | None = None,
     firmware: str | None = None,
+    mok: Path | None = None,
 ) -> TestResult:
     require_tools("qemu-system-x86_64", "qemu-img")
     firmware = pick_firmware(image, firmware)
@@ -173,7 +174,7 @@ def test_image(
     accel, vcpus = pick_accel(firmware), VCPUS
     while True:
         # Every attempt boots a fresh overlay and firmware variables.
-        with vm_scratch(image, in_place=in_place, firmware=firmware) as vm:
+        with vm_scratch(image, in_place=in_place, firmware=firmware, mok=mok) as vm:
             scratch = vm.scratch
             console, report = scratch / "console.log", scratch / "checks.log"
             firmware_log = scratch / "firmware.log" if firmware == "bios" else None

@@ -37,11 +37,14 @@ from __future__ import annotations
 
 import re
 import shutil
+from pathlib import Path
 
 from imagesmith.config.layout import DiskLayout
 from imagesmith.context import BuildContext
 from imagesmith.errors import BuildError
 from imagesmith.host.sandbox import run_in_root
+from imagesmith.host.signing import sign_pe
+from imagesmith.inspect.secureboot import pe_section
 from imagesmith.tree.firstboot import first_boot_cmdline
 from imagesmith.tree.initramfs import build_initramfs
 
@@ -148,17 +151,23 @@ def copy_grub_modules(ctx: BuildContext, platform: str, *, package: str, klass: 
     shutil.copytree(modules, target, ignore=shutil.ignore_patterns("*.module", "*.image"))
 
 
-def install_grub_efi(ctx: BuildContext) -> None:
+def install_grub_efi(ctx: BuildContext, *, name: str = "BOOTX64.EFI", sbat: str = "") -> None:
+    """The image's own GRUB as ESP:/EFI/BOOT/NAME; with `sbat`, an .sbat section for shim."""
     copy_grub_modules(ctx, "x86_64-efi", package="grub-efi-amd64-bin", klass="uefi")
     boot_dir = ctx.esp_tree / "EFI/BOOT"
     boot_dir.mkdir(parents=True, exist_ok=True)
+    sbat_args = []
+    if sbat:
+        (ctx.workdir / "sbat").mkdir(exist_ok=True)
+        (ctx.workdir / "sbat/sbat.csv").write_text(sbat)
+        sbat_args = ["--sbat=/run/imagesmith/sbat/sbat.csv"]
     run_in_root(
         ctx.tree,
         [
-            "grub-mkimage", "--format=x86_64-efi", "--output=/run/imagesmith/esp/BOOTX64.EFI",
-            f"--prefix={grub_prefix(ctx.layout)}", *GRUB_EFI_MODULES,
+            "grub-mkimage", "--format=x86_64-efi", f"--output=/run/imagesmith/esp/{name}",
+            f"--prefix={grub_prefix(ctx.layout)}", *sbat_args, *GRUB_EFI_MODULES,
         ],
-        binds=[(boot_dir, "/run/imagesmith/esp")],
+        binds=[(boot_dir, "/run/imagesmith/esp"), *([(ctx.workdir / "sbat", "/run/imagesmith/sbat")] if sbat else [])],
         what="grub-mkimage",
     )  # fmt: skip
 
@@ -193,7 +202,32 @@ def signed_grub_cfg_text(ctx: BuildContext) -> str:
 
 def install_signed_chain(ctx: BuildContext) -> None:
     """shim, the signed GRUB and MokManager at the removable path; GRUB's config."""
-    sources = {"BOOTX64.EFI": SHIM, "grubx64.efi": SIGNED_GRUB, "mmx64.efi": MOK_MANAGER}
+    copy_signed_binaries(
+        ctx, {"BOOTX64.EFI": SHIM, "grubx64.efi": SIGNED_GRUB, "mmx64.efi": MOK_MANAGER}
+    )
+    vendor_dir = ctx.esp_tree / "EFI/debian"
+    vendor_dir.mkdir(parents=True, exist_ok=True)
+    (vendor_dir / "grub.cfg").write_text(signed_grub_cfg_text(ctx))
+
+
+def install_own_chain(ctx: BuildContext) -> None:
+    """shim and MokManager, then the image's own GRUB and kernel signed with our key.
+
+    GRUB gets the signed GRUB's SBAT data (same source package), without
+    which shim refuses it. The key stays on the host; its contents join the
+    secrets the hygiene scan must not find in the image.
+    """
+    keys = Path(ctx.image.settings.secure_boot_keys)
+    copy_signed_binaries(ctx, {"BOOTX64.EFI": SHIM, "mmx64.efi": MOK_MANAGER, "": SIGNED_GRUB})
+    sbat = pe_section((ctx.tree / SIGNED_GRUB).read_bytes(), ".sbat").rstrip(b"\0").decode()
+    install_grub_efi(ctx, name="grubx64.efi", sbat=sbat)
+    sign_pe(ctx.esp_tree / "EFI/BOOT/grubx64.efi", keys=keys)
+    sign_pe(ctx.tree / f"boot/vmlinuz-{ctx.kernel_version}", keys=keys)
+    ctx.secrets.append((keys / "db.key").read_bytes())
+
+
+def copy_signed_binaries(ctx: BuildContext, sources: dict[str, str]) -> None:
+    """The distribution's signed binaries onto the ESP (a name "" only checks it is there)."""
     boot_dir = ctx.esp_tree / "EFI/BOOT"
     boot_dir.mkdir(parents=True, exist_ok=True)
     for name, source in sources.items():
@@ -201,12 +235,10 @@ def install_signed_chain(ctx: BuildContext) -> None:
             raise BuildError(
                 f"the image has no /{source} for Secure Boot",
                 hint="the built-in `secure-boot` class installs shim-signed and "
-                'grub-efi-amd64-signed; keep it while secure_boot = "distribution"',
+                'grub-efi-amd64-signed; it is applied while secure_boot is not "off"',
             )
-        shutil.copyfile(ctx.tree / source, boot_dir / name)
-    vendor_dir = ctx.esp_tree / "EFI/debian"
-    vendor_dir.mkdir(parents=True, exist_ok=True)
-    (vendor_dir / "grub.cfg").write_text(signed_grub_cfg_text(ctx))
+        if name:
+            shutil.copyfile(ctx.tree / source, boot_dir / name)
 
 
 def install_grub_bios(ctx: BuildContext) -> None:
@@ -238,6 +270,8 @@ def configure_boot(ctx: BuildContext) -> None:
         (ctx.tree / "boot/efi").mkdir(parents=True, exist_ok=True)
         if ctx.image.settings.secure_boot == "distribution":
             install_signed_chain(ctx)
+        elif ctx.image.settings.secure_boot == "own":
+            install_own_chain(ctx)
         else:
             install_grub_efi(ctx)
     if "bios" in firmware:
