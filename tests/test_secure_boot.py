@@ -39,16 +39,44 @@ DOS_STUB = b"This program cannot be run in DOS mode"
 BOOT_TIMEOUT = 900  # TCG on a busy two-core machine: a boot took 277 s once
 
 
-@pytest.fixture(scope="session")
-def secure_boot_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    space = tmp_path_factory.mktemp("secure-boot-space") / "space"
+OWN_KEYS_IMAGE = """
+[images.secureboot-own]
+description = "The server under UEFI Secure Boot with our own key behind shim (a MOK)"
+classes = ["base", "uefi", "example"]
+secure_boot = "own"
+secure_boot_keys = "{keys}"
+outputs = ["raw"]
+"""
+
+
+def build_one(tmp_path_factory: pytest.TempPathFactory, name: str, table: str) -> Path:
+    space = tmp_path_factory.mktemp(f"{name}-space") / "space"
     shutil.copytree(EXAMPLES, space, symlinks=True)
     with (space / "imagesmith.toml").open("a") as f:
-        f.write(SECURE_BOOT_IMAGE)
-    out = tmp_path_factory.mktemp("secure-boot-out")
-    result = imagesmith("build", "-C", space, "-o", out, "secureboot", timeout=1800)
+        f.write(table)
+    out = tmp_path_factory.mktemp(f"{name}-out")
+    result = imagesmith("build", "-C", space, "-o", out, name, timeout=1800)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
-    return out / "secureboot.raw"
+    return out / f"{name}.raw"
+
+
+@pytest.fixture(scope="session")
+def secure_boot_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_one(tmp_path_factory, "secureboot", SECURE_BOOT_IMAGE)
+
+
+@pytest.fixture(scope="session")
+def own_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    keys = tmp_path_factory.mktemp("secure-boot-keys") / "keys"
+    result = imagesmith("keys", keys, "--name", "imagesmith test key")
+    assert result.returncode == 0, result.stderr
+    assert (keys / "db.key").stat().st_mode & 0o777 == 0o600
+    return keys
+
+
+@pytest.fixture(scope="session")
+def own_keys_image(tmp_path_factory: pytest.TempPathFactory, own_keys: Path) -> Path:
+    return build_one(tmp_path_factory, "secureboot-own", OWN_KEYS_IMAGE.format(keys=own_keys))
 
 
 def esp_image(disk: Path) -> str:
@@ -140,3 +168,52 @@ def test_altered_binary_is_refused(
     assert re.search(rf"refused: .*{refusal}", result.stdout), result.stdout
     seconds = int(re.search(r"\((\d+)s, uefi-secureboot", result.stdout).group(1))  # type: ignore[union-attr]
     assert seconds < BOOT_TIMEOUT / 3  # the refusal ends the test, not the timeout
+
+
+def private_key_lines(keys: Path) -> list[bytes]:
+    """The base64 lines of the private key, each a needle no image may hold."""
+    lines = (keys / "db.key").read_bytes().splitlines()
+    return [line for line in lines if line and not line.startswith(b"-----")]
+
+
+def test_own_key_signs_grub_and_kernel_and_never_ships(
+    own_keys_image: Path, own_keys: Path
+) -> None:
+    result = imagesmith("verify", own_keys_image, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    ours = "CN=imagesmith test key (issued by CN=imagesmith test key)"
+    grub = next(line for line in lines if "ESP:/EFI/BOOT/grubx64.efi" in line)
+    assert "signed; " in grub and ours in grub
+    kernel = next(line for line in lines if "/boot/vmlinuz-" in line)
+    assert ours in kernel
+    # Not a line of the private key anywhere on the disk or in the manifest.
+    needles = private_key_lines(own_keys)
+    manifest = own_keys_image.with_suffix(".manifest.json").read_bytes()
+    assert not any(n in manifest for n in needles)
+    with own_keys_image.open("rb") as disk:
+        overlap = b""
+        while chunk := disk.read(64 * 1024 * 1024):
+            window = overlap + chunk
+            assert not any(n in window for n in needles)
+            overlap = chunk[-128:]
+
+
+@pytest.mark.boot
+def test_own_key_boots_as_a_mok_and_is_refused_without_it(
+    own_keys_image: Path, own_keys: Path, tmp_path: Path
+) -> None:
+    report = tmp_path / "report.json"
+    result = imagesmith(
+        "test", own_keys_image, "--mok", own_keys / "db.crt", "--timeout", str(BOOT_TIMEOUT),
+        "--report", report, timeout=BOOT_TIMEOUT + 120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    checks = {c["name"]: c for c in json.loads(report.read_text())["checks"]}
+    assert "SecureBoot EFI variable: 1" in "\n".join(checks["secure-boot-on"]["output"])
+    # The same image without the MOK: shim trusts nothing that signed our GRUB.
+    result = imagesmith(
+        "test", own_keys_image, "--timeout", str(BOOT_TIMEOUT), timeout=BOOT_TIMEOUT + 120
+    )
+    assert result.returncode == 1, result.stdout
+    assert re.search(r"refused: .*Verification failed", result.stdout), result.stdout
