@@ -27,6 +27,11 @@ partition on the disk GRUB came from, as the prefix below does, and reads
 the same /boot/grub/grub.cfg. shim's fallback (fbx64.efi) is left out: at
 the removable path it would write NVRAM entries and reboot.
 
+With `secure_boot = "own"` (install_own_chain), shim and MokManager stay,
+and grubx64.efi is the image's own GRUB, as below, with the signed GRUB's
+SBAT data; it and the kernel are signed on the host with sbsign and the key
+set in `secure_boot_keys` (host/signing.py), trusted as a MOK.
+
 Both unsigned GRUB images get the prefix `(,gptN)/boot/grub`, N the root partition:
 it names the root partition on whatever disk the firmware booted from. No
 UUID search (filesystem UUIDs may change on first boot), no disk order
@@ -156,18 +161,19 @@ def install_grub_efi(ctx: BuildContext, *, name: str = "BOOTX64.EFI", sbat: str 
     copy_grub_modules(ctx, "x86_64-efi", package="grub-efi-amd64-bin", klass="uefi")
     boot_dir = ctx.esp_tree / "EFI/BOOT"
     boot_dir.mkdir(parents=True, exist_ok=True)
-    sbat_args = []
+    sbat_args, binds = [], [(boot_dir, "/run/imagesmith/esp")]
     if sbat:
         (ctx.workdir / "sbat").mkdir(exist_ok=True)
         (ctx.workdir / "sbat/sbat.csv").write_text(sbat)
         sbat_args = ["--sbat=/run/imagesmith/sbat/sbat.csv"]
+        binds.append((ctx.workdir / "sbat", "/run/imagesmith/sbat"))
     run_in_root(
         ctx.tree,
         [
             "grub-mkimage", "--format=x86_64-efi", f"--output=/run/imagesmith/esp/{name}",
             f"--prefix={grub_prefix(ctx.layout)}", *sbat_args, *GRUB_EFI_MODULES,
         ],
-        binds=[(boot_dir, "/run/imagesmith/esp"), *([(ctx.workdir / "sbat", "/run/imagesmith/sbat")] if sbat else [])],
+        binds=binds,
         what="grub-mkimage",
     )  # fmt: skip
 
