@@ -124,14 +124,18 @@ def test_verify_names_who_signed_the_boot_path(secure_boot_image: Path) -> None:
 def test_distribution_chain_boots_with_secure_boot_enforced(
     secure_boot_image: Path, tmp_path: Path
 ) -> None:
-    report = tmp_path / "report.json"
+    report, console = tmp_path / "report.json", tmp_path / "console.log"
     # No --firmware: the manifest says secure_boot, so uefi-secureboot.
     result = imagesmith(
         "test", secure_boot_image, "--timeout", str(BOOT_TIMEOUT), "--report", report,
-        timeout=BOOT_TIMEOUT + 120,
+        "--console-log", console, timeout=BOOT_TIMEOUT + 120,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert ", uefi-secureboot, " in result.stdout.splitlines()[0]
+    # The signed GRUB found the root through $cmdpath, not the fs UUID fallback.
+    text = console.read_bytes().decode(errors="replace")
+    assert "Booting `secureboot (Debian" in text
+    assert "no regexp in this GRUB" not in text
     checks = {c["name"]: c for c in json.loads(report.read_text())["checks"]}
     assert checks["secure-boot-on"]["passed"]
     output = "\n".join(checks["secure-boot-on"]["output"])

@@ -71,7 +71,7 @@ def test_esp_grub_cfg_finds_the_root_on_the_boot_disk(tmp_path: Path) -> None:
     ctx = make_context(tmp_path, 'secure_boot = "distribution"')
     text = signed_grub_cfg_text(ctx)
     root = ctx.layout.root
-    assert "regexp --set=1:imagesmith_disk '^\\(([^,)]+)' \"$cmdpath\"" in text
+    assert "regexp --set=1:imagesmith_disk '^([^,]+)' \"$root\"" in text
     assert f'set root="($imagesmith_disk,gpt{root.number})"' in text
     assert f"search --no-floppy --fs-uuid --set=root {root.fs_uuid}" in text  # fallback only
     assert text.endswith('configfile "$prefix/grub.cfg"\n')

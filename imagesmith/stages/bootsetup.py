@@ -186,16 +186,17 @@ SIGNED_GRUB = "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
 def signed_grub_cfg_text(ctx: BuildContext) -> str:
     """EFI/debian/grub.cfg: from the ESP to the root's /boot/grub/grub.cfg.
 
-    The disk comes from $cmdpath, "(hd0,gpt1)/EFI/BOOT"; the partition
-    number is the layout's, so no UUID is needed: new_fs_uuid changes the
-    root filesystem's on first boot. The fs UUID search is a fallback only
-    for a GRUB without `regexp`.
+    The disk comes from $root, which GRUB sets to the ESP it was loaded
+    from, "hd0,gpt2" ($cmdpath is empty when shim starts it: seen under
+    OVMF); the partition number is the layout's, so no UUID is needed:
+    new_fs_uuid changes the root filesystem's on first boot. The fs UUID
+    search is a fallback only for a GRUB without `regexp`.
     """
     root = ctx.layout.root
     return (
         "# Written by imagesmith. Debian's signed GRUB reads this file; it reads\n"
         "# the image's own /boot/grub/grub.cfg on the root partition of its disk.\n"
-        f"if regexp --set=1:imagesmith_disk '^\\(([^,)]+)' \"$cmdpath\"; then\n"
+        "if regexp --set=1:imagesmith_disk '^([^,]+)' \"$root\"; then\n"
         f'    set root="($imagesmith_disk,gpt{root.number})"\n'
         "else\n"
         '    echo "imagesmith: no regexp in this GRUB; finding the root by its UUID"\n'
