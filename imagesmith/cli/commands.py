@@ -19,6 +19,7 @@ from imagesmith.config.settings import format_size, parse_size
 from imagesmith.config.space import ResolvedImage, load_config_space, resolve_image
 from imagesmith.errors import ConfigError
 from imagesmith.fai.convert import ImportRequest, import_fai_space, split_names
+from imagesmith.host.signing import make_key_set
 from imagesmith.inspect.lint import lint_config_space
 from imagesmith.inspect.qemu import boot_interactive
 from imagesmith.inspect.summary import print_summary
@@ -118,6 +119,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         ssh_port=args.ssh_port,
         firmware=args.firmware,
         display=check_display(args.display),
+        mok=args.mok,
     )
 
 
@@ -139,6 +141,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         console_log=args.console_log,
         firmware=args.firmware,
         screenshot=args.screenshot,
+        mok=args.mok,
     )
     if args.report is not None:
         write_report(result, args.report)
@@ -146,9 +149,23 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    for path in make_key_set(args.target, common_name=args.name):
+        print(path)
+    print(
+        f"{args.target}: db.key is the private key: keep it on the build host, outside the "
+        "config space; enrol db.crt or db.der (see docs/secure-boot.md)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     key = hygiene_key(default_cache_dir(), create=False)
-    findings, waived = verify_image_file(args.image_file, args.manifest, key=key)
+    result = verify_image_file(args.image_file, args.manifest, key=key)
+    findings, waived = result.findings, result.waived
+    for binary in result.boot_path:
+        print(f"secure boot: {binary.line()}")
     for finding in waived:
         print(f"waived: {finding.line()}")
     for finding in findings:

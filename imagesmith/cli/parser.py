@@ -7,6 +7,7 @@ from pathlib import Path
 
 from imagesmith import __version__
 from imagesmith.cli import commands
+from imagesmith.inspect.qemu import QEMU_FIRMWARES
 from imagesmith.plan import FORMATS, GITLAB_TEMPLATE_JOB
 
 
@@ -34,10 +35,16 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def add_firmware_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--firmware", choices=("uefi", "bios"),
-        help="boot under UEFI (OVMF) or a PC BIOS (SeaBIOS); default: what the image's "
+        "--firmware", choices=QEMU_FIRMWARES,
+        help="boot under UEFI (OVMF), UEFI with Secure Boot enforced and Microsoft's keys "
+        "enrolled (uefi-secureboot), or a PC BIOS (SeaBIOS); default: what the image's "
         "manifest (IMAGE.manifest.json beside it) records, the first of both for a hybrid "
-        "image, else uefi",
+        "image (uefi-secureboot for an image built with secure_boot), else uefi",
+    )  # fmt: skip
+    parser.add_argument(
+        "--mok", type=Path, metavar="CERT",
+        help="with uefi-secureboot: enrol CERT (PEM or DER, such as db.crt of `imagesmith "
+        "keys`) as a Machine Owner Key in the VM's copy of the firmware variables",
     )  # fmt: skip
 
 
@@ -131,6 +138,19 @@ def add_boot_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="forward 127.0.0.1:PORT on this machine to the guest's SSH port",
     )
     boot.set_defaults(func=commands.cmd_boot)
+
+
+def add_keys_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = verbs.add_parser(
+        "keys",
+        help="make a Secure Boot key set (db key and certificate)",
+        description='Make db.key (the private key, mode 0600), db.crt and db.der in DIR with openssl, for secure_boot = "own". Keep DIR on the build host, outside the config space; see docs/secure-boot.md.',
+    )
+    keys.add_argument("target", type=Path, metavar="DIR")
+    keys.add_argument(
+        "--name", default="imagesmith Secure Boot key", help="the certificate's common name"
+    )
+    keys.set_defaults(func=commands.cmd_keys)
 
 
 def add_test_verb(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -348,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_boot_verb(verbs)
     add_test_verb(verbs)
     add_verify_verb(verbs)
+    add_keys_verb(verbs)
     add_lint_verb(verbs)
     add_cache_verb(verbs)
     add_fai_verb(verbs)

@@ -17,4 +17,6 @@ FINDINGS: dict[str, str] = {
     "host-resolv-conf": "the build host's resolver configuration was left in",
     "apt-proxy": "an apt proxy setting is configured",
     "root-password": "root has no password or a well-known one",
+    "unsigned-boot-binary": "a Secure Boot image's shim, GRUB or kernel is unsigned or "
+    "no longer matches its signature",
 }

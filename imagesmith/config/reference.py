@@ -78,7 +78,9 @@ boot partition), which images list (`uefi` and `bios` together make a
 hybrid image), and the first-boot classes `grow-root`, `new-fs-uuid` and
 `new-ssh-host-keys`, which the settings `grow_root`, `new_fs_uuid` and
 `new_ssh_host_keys` add (right after `base`) while they are true; see
-[first-boot.md](first-boot.md). A config space class of the same name
+[first-boot.md](first-boot.md). The setting `secure_boot` adds the class
+`secure-boot` (the distribution's signed shim and GRUB, and mokutil) while
+it is not `"off"`; see [secure-boot.md](secure-boot.md). A config space class of the same name
 replaces a built-in one; with `extend = true` it applies on top of the
 built-in one.
 

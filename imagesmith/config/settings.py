@@ -64,7 +64,8 @@ class Setting:
     cli: bool = False  # also settable from `imagesmith build --set`/flags
     pattern: str = ""  # for "str" settings: the value must match this regex
     pattern_help: str = ""
-    # For "bool" switches: the built-in class that applies while the switch is on.
+    # For switches: the built-in class that applies while the switch is on
+    # (a "bool" that is true, or a "choice" that is not "off").
     applies_class: str = ""
 
 
@@ -73,6 +74,7 @@ DISK_OUTPUTS = ("raw", "raw.zst", "qcow2")
 CONTAINER_OUTPUTS = ("oci", "tar")
 FIRMWARES = ("uefi", "bios")
 TARGETS = ("disk", "container")
+SECURE_BOOT_MODES = ("off", "distribution", "own")
 # KEY=VALUE, as in container environments and labels.
 KEY_VALUE = r"[^=\s]+=.*"
 
@@ -180,6 +182,29 @@ SETTINGS: tuple[Setting, ...] = (
         applies_class="new-ssh-host-keys",
     ),
     Setting(
+        "secure_boot",
+        "choice",
+        "off",
+        "UEFI Secure Boot. `distribution`: the distribution's signed chain, Debian's shim "
+        "(signed by Microsoft's UEFI CA) as EFI/BOOT/BOOTX64.EFI, Debian's signed GRUB and "
+        "the signed kernel (the built-in class `secure-boot`). Needs `uefi` in `firmware`; "
+        "the BIOS part of a hybrid image is unchanged. `own`: the distribution's shim, then "
+        "GRUB built by imagesmith and the kernel, both signed with the key set in "
+        "`secure_boot_keys`, trusted as a MOK. See docs/secure-boot.md.",
+        choices=SECURE_BOOT_MODES,
+        applies_class="secure-boot",
+    ),
+    Setting(
+        "secure_boot_keys",
+        "str",
+        "",
+        'For secure_boot = "own": the folder holding db.key and db.crt, made by '
+        "`imagesmith keys`; an absolute path outside the config space. The private key "
+        "signs at build time and never enters the image, the manifest or a cache.",
+        pattern=r"(/\S*)?",
+        pattern_help="an absolute path, or empty",
+    ),
+    Setting(
         "uuid_seed",
         "str",
         "",
@@ -242,6 +267,8 @@ class ImageSettings:
     grow_root: bool
     new_fs_uuid: bool
     new_ssh_host_keys: bool
+    secure_boot: str
+    secure_boot_keys: str
     uuid_seed: str
     container_entrypoint: tuple[str, ...]
     container_cmd: tuple[str, ...]
@@ -335,10 +362,17 @@ def settings_field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(ImageSettings)]
 
 
+def switch_is_on(value: object) -> bool:
+    """A bool switch that is true, or a choice switch that is not "off"."""
+    return value not in (False, "off", "")
+
+
 def switched_classes(settings: ImageSettings) -> list[tuple[str, str]]:
     """(setting, class) for every switch that is on, in table order."""
     return [
-        (s.name, s.applies_class) for s in SETTINGS if s.applies_class and getattr(settings, s.name)
+        (s.name, s.applies_class)
+        for s in SETTINGS
+        if s.applies_class and switch_is_on(getattr(settings, s.name))
     ]
 
 

@@ -43,6 +43,7 @@ from imagesmith.config.repositories import (
 from imagesmith.config.settings import (
     CONTAINER_OUTPUTS,
     DISK_OUTPUTS,
+    SETTINGS_BY_NAME,
     ImageSettings,
     check_setting,
     class_switches,
@@ -182,16 +183,54 @@ def check_switched_classes(
     """A class a switch applies is listed only while its switch is on."""
     on = {c for _, c in switched_classes(settings)}
     for class_name, setting in class_switches().items():
+        off, turn_on = switch_words(setting)
         if class_name in listed and class_name not in on:
             raise ConfigError(
-                f"{where}: class {class_name!r} is listed but {setting} = false",
-                hint=f"drop {class_name!r} from the class list, or set {setting} = true",
+                f"{where}: class {class_name!r} is listed but {setting} = {off}",
+                hint=f"drop {class_name!r} from the class list, or set {setting} = {turn_on}",
             )
         if class_name in names and class_name not in on:
             raise ConfigError(
-                f"{where}: a class turned {setting} off after {setting} = true added "
+                f"{where}: a class turned {setting} off after {setting} = {turn_on} added "
                 f"class {class_name!r}",
-                hint=f"set {setting} = false in imagesmith.toml instead",
+                hint=f"set {setting} = {off} in imagesmith.toml instead",
+            )
+
+
+def switch_words(setting: str) -> tuple[str, str]:
+    """How a switch is written off and on in TOML: false/true, or "off"/a choice."""
+    row = SETTINGS_BY_NAME[setting]
+    if row.kind == "bool":
+        return "false", "true"
+    return '"off"', " or ".join(f'"{c}"' for c in row.choices if c != "off")
+
+
+def check_secure_boot(settings: ImageSettings, config_space: Path, *, where: str) -> None:
+    """Secure Boot is a UEFI matter; own keys must be there, outside the config space."""
+    if settings.secure_boot != "off" and "uefi" not in settings.boot_firmware:
+        raise ConfigError(
+            f'{where}: secure_boot = "{settings.secure_boot}" but the image boots under '
+            f"{' and '.join(settings.boot_firmware)} only",
+            hint='add the built-in `uefi` class (with `bios` too for a hybrid image), or set secure_boot = "off"',
+        )
+    if settings.secure_boot != "own":
+        return
+    keys = Path(settings.secure_boot_keys)
+    if not settings.secure_boot_keys:
+        raise ConfigError(
+            f'{where}: secure_boot = "own" needs secure_boot_keys',
+            hint="make a key set with `imagesmith keys DIR` and set secure_boot_keys = DIR",
+        )
+    if keys.resolve().is_relative_to(config_space.resolve()):
+        raise ConfigError(
+            f"{where}: secure_boot_keys {keys} is inside the config space",
+            hint="private keys must live outside the config space",
+        )
+    for name in ("db.key", "db.crt"):
+        if not (keys / name).is_file():
+            raise ConfigError(
+                f"{where}: secure_boot_keys: no {keys / name}",
+                hint=f"make a key set with `imagesmith keys {keys}`",
             )
 
 
@@ -244,6 +283,7 @@ def resolve_image(
     merged = merge_classes(applied)
     settings = merged_settings(applied)
     if target == "disk":
+        check_secure_boot(settings, space.path, where=f"{space.config_file} [images.{name}]")
         check_layout_fits(settings, where=f"{space.config_file} [images.{name}] size")
     repositories = tuple(
         repository_from(r, default_suite=settings.suite) for r in merged.repositories

@@ -8,6 +8,7 @@
   partition (the discoverable root type, else the largest partition) is
   copied out, holes kept, and its files extracted by the filesystem's own
   offline tools: `debugfs rdump` for ext4, `btrfs restore` for btrfs.
+- The ESP's EFI folder comes out with mtools (`mcopy -i DISK@@OFFSET`).
 
 No loop devices, no mounts: this works in the same containers the build does.
 A file that is none of these, empty, truncated or damaged is a ConfigError
@@ -24,9 +25,9 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from imagesmith.config.layout import ROOT_TYPES, SECTOR
+from imagesmith.config.layout import ESP_TYPE, ROOT_TYPES, SECTOR
 from imagesmith.disk.sparse import copy_sparse_range
 from imagesmith.errors import BuildError, ConfigError
 from imagesmith.host.run import run
@@ -68,8 +69,8 @@ def damaged(image_file: Path, what: str, error: Exception) -> ConfigError:
     )
 
 
-def root_partition(disk: Path, image_file: Path) -> tuple[int, int]:
-    """(offset, size) in bytes of the root partition of a GPT disk image."""
+def partitions_of(disk: Path, image_file: Path) -> list[dict[str, Any]]:
+    """The partitions of a GPT disk image; errors name the user's `image_file`."""
     try:
         out = run(["sfdisk", "-J", os.fspath(disk)], capture=True, what="sfdisk -J").stdout
     except BuildError as e:
@@ -78,11 +79,23 @@ def root_partition(disk: Path, image_file: Path) -> tuple[int, int]:
             hint=KINDS_HINT,
         ) from e
     table = json.loads(out)["partitiontable"]
-    partitions = table.get("partitions", [])
+    partitions: list[dict[str, Any]] = table.get("partitions", [])
     if table.get("label") == "dos" and [p.get("type") for p in partitions] == ["ee"]:
         raise unreadable_gpt(disk, image_file)
     if not partitions:
         raise ConfigError(f"{image_file}: no partitions found")
+    return partitions
+
+
+def esp_offset(disk: Path, image_file: Path) -> int | None:
+    """Byte offset of the EFI system partition, None without one."""
+    esp = [p for p in partitions_of(disk, image_file) if p.get("type", "").upper() == ESP_TYPE]
+    return esp[0]["start"] * SECTOR if esp else None
+
+
+def root_partition(disk: Path, image_file: Path) -> tuple[int, int]:
+    """(offset, size) in bytes of the root partition of a GPT disk image."""
+    partitions = partitions_of(disk, image_file)
     root_types = {t.upper() for t in ROOT_TYPES.values()}
     chosen = next(
         (p for p in partitions if p.get("type", "").upper() in root_types),
@@ -194,9 +207,25 @@ def untrusted_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | No
     return tarfile.tar_filter(member, dest)
 
 
+def copy_esp_efi(disk: Path, dest: Path, image_file: Path) -> bool:
+    """The ESP's /EFI folder into `dest`; False when the disk has no ESP."""
+    offset = esp_offset(disk, image_file)
+    if offset is None:
+        return False
+    run(
+        ["mcopy", "-s", "-n", "-i", f"{os.fspath(disk)}@@{offset}", "::/EFI", os.fspath(dest)],
+        capture=True,
+        what="mcopy (the ESP's EFI folder)",
+    )
+    return True
+
+
 @contextlib.contextmanager
-def image_tree(image_file: Path) -> Iterator[Path]:
-    """Yield a temporary directory holding the image's root tree."""
+def image_tree(image_file: Path, *, esp: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary directory holding the image's root tree.
+
+    With `esp`, a disk image's ESP /EFI folder is copied there too.
+    """
     check_image_file(image_file)
     with tempfile.TemporaryDirectory(prefix="imagesmith-verify-") as tmp:
         work = Path(tmp)
@@ -207,6 +236,8 @@ def image_tree(image_file: Path) -> Iterator[Path]:
             yield tree
             return
         disk = uncompressed_disk(image_file, work)
+        if esp is not None:
+            copy_esp_efi(disk, esp, image_file)
         offset, size = root_partition(disk, image_file)
         part = work / "root.img"
         with part.open("wb") as f:

@@ -2,8 +2,13 @@
 VM's scratch files, and `imagesmith boot`. `imagesmith test` is vmtest.py.
 
 Firmware: UEFI is OVMF in pflash; BIOS is QEMU's own SeaBIOS (no pflash).
-The default is what the manifest beside the image (IMAGE.manifest.json)
-records, the first of its firmware for a hybrid image, else UEFI. A
+`uefi-secureboot` is OVMF built with Secure Boot and a copy of variables
+with Microsoft's keys enrolled (OVMF_VARS_4M.ms.fd), so Secure Boot is
+enforced from the first boot; it needs SMM on q35 and a secure pflash, or
+OVMF hangs. The default is what the manifest beside the image
+(IMAGE.manifest.json) records, the first of its firmware for a hybrid
+image, else UEFI; `uefi-secureboot` for UEFI when it was built with
+secure_boot on. A
 `.raw.zst` image is decompressed into the scratch directory first.
 """
 
@@ -16,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,6 +40,14 @@ FIRMWARE_PAIRS = (
     ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
     ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
 )
+SECURE_BOOT_FIRMWARE_PAIRS = (
+    ("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd", "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"),
+    ("/usr/share/OVMF/OVMF_CODE.secboot.fd", "/usr/share/OVMF/OVMF_VARS.ms.fd"),
+    ("/usr/share/edk2/ovmf/OVMF_CODE.secboot.fd", "/usr/share/edk2/ovmf/OVMF_VARS.secboot.fd"),
+)
+# What `imagesmith test` and `boot` can boot under: the image's firmware,
+# and UEFI with Secure Boot enforced.
+QEMU_FIRMWARES = ("uefi", "uefi-secureboot", "bios")
 # QEMU's words when KVM cannot run this guest here: it pauses the guest on an
 # internal error, or aborts at start (an MSR the host refuses).
 VM_SCRATCH_RE = re.compile(r"^imagesmith-vm-pid(\d+)-[a-z0-9_]+$")
@@ -63,12 +77,13 @@ def die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def find_firmware() -> tuple[Path, Path]:
-    for code, variables in FIRMWARE_PAIRS:
+def find_firmware(*, secure_boot: bool = False) -> tuple[Path, Path]:
+    pairs = SECURE_BOOT_FIRMWARE_PAIRS if secure_boot else FIRMWARE_PAIRS
+    for code, variables in pairs:
         if os.path.exists(code) and os.path.exists(variables):
             return Path(code), Path(variables)
     raise ConfigError(
-        "no UEFI firmware (OVMF) found",
+        f"no UEFI firmware (OVMF{' with Secure Boot' if secure_boot else ''}) found",
         hint="run `make setup`, which installs the ovmf package",
     )
 
@@ -107,23 +122,44 @@ def disk_format(image: Path) -> str:
 
 
 def built_firmware(image: Path) -> tuple[str, ...]:
-    """The firmware the image was built for, from its manifest; () when unknown."""
+    """The firmware the image was built for, from its manifest; () when unknown.
+
+    An image built with secure_boot on boots under `uefi-secureboot` first,
+    then under plain `uefi` (shim runs without Secure Boot too).
+    """
     try:
         manifest = json.loads(manifest_for(image).read_text())
     except (OSError, ValueError):
         return ()
     firmware = manifest.get("firmware", [])
-    return tuple(f for f in firmware if f in FIRMWARES) if isinstance(firmware, list) else ()
+    if not isinstance(firmware, list):
+        return ()
+    settings = manifest.get("settings")
+    secure = isinstance(settings, dict) and settings.get("secure_boot", "off") != "off"
+    built: list[str] = []
+    for name in firmware:
+        if name in FIRMWARES:
+            built += ["uefi-secureboot", name] if secure and name == "uefi" else [name]
+    return tuple(built)
+
+
+def firmware_base(firmware: str) -> str:
+    """The image firmware a QEMU firmware boots: uefi-secureboot is UEFI."""
+    return "uefi" if firmware == "uefi-secureboot" else firmware
 
 
 def pick_firmware(image: Path, requested: str | None) -> str:
-    """--firmware if given (and the image was built for it), else the manifest's first."""
+    """--firmware if given (and the image was built for it), else the manifest's first.
+
+    Any UEFI image may boot under `uefi-secureboot`: an image without a
+    signed chain is then refused, which is how a refusal is shown.
+    """
     built = built_firmware(image)
     if requested is None:
         return built[0] if built else "uefi"
-    if requested not in FIRMWARES:
-        raise ConfigError(f"--firmware {requested!r}: expected one of {', '.join(FIRMWARES)}")
-    if built and requested not in built:
+    if requested not in QEMU_FIRMWARES:
+        raise ConfigError(f"--firmware {requested!r}: expected one of {', '.join(QEMU_FIRMWARES)}")
+    if built and firmware_base(requested) not in built:
         raise ConfigError(
             f"{image} was built for {' and '.join(built)} only "
             f"({manifest_for(image).name}); it cannot boot under {requested}",
@@ -147,21 +183,29 @@ def qemu_argv(
     firmware_log: Path | None = None,
     display: str = "",
     qmp: Path | None = None,
+    secure_boot: bool = False,
 ) -> list[str]:
     """Without firmware_code, QEMU boots its default PC BIOS (SeaBIOS).
 
     `firmware_log` captures SeaBIOS's debug port (0x402), our signal that
-    the BIOS got as far as booting the disk.
+    the BIOS got as far as booting the disk. `secure_boot` gives OVMF's
+    Secure Boot build what it needs: SMM, a pflash only SMM may write, and
+    no S3 (OVMF refuses S3 with SMM).
     """
     nic = "user,model=virtio-net-pci" + "".join(
         f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in (forwards or {}).items()
     )
     argv = [
         "qemu-system-x86_64",
-        "-machine", f"q35,accel={accel}",
+        "-machine", f"q35,{'smm=on,' if secure_boot else ''}accel={accel}",
         "-cpu", "host" if accel == "kvm" else "max",
         "-smp", str(vcpus), "-m", str(memory),
     ]  # fmt: skip
+    if secure_boot:
+        argv += [
+            "-global", "driver=cfi.pflash01,property=secure,value=on",
+            "-global", "ICH9-LPC.disable_s3=1",
+        ]  # fmt: skip
     if firmware_code is not None and firmware_vars is not None:
         argv += [
             "-drive", f"if=pflash,format=raw,unit=0,file={firmware_code},readonly=on",
@@ -207,12 +251,56 @@ class VmFiles:
     firmware_vars: Path | None
 
 
+# shim's own GUID, the owner of the certificates in its MOK list.
+SHIM_LOCK_GUID = "605dab50-e046-4300-abb6-3dd810dd8b23"
+
+
+def virt_fw_vars() -> str:
+    """virt-fw-vars (PyPI virt-firmware) on PATH or beside this Python."""
+    found = shutil.which("virt-fw-vars") or shutil.which(
+        "virt-fw-vars", path=os.path.dirname(sys.executable)
+    )
+    if found is None:
+        raise ConfigError(
+            "--mok needs virt-fw-vars, which is not installed",
+            hint="pip install virt-firmware (make setup does), or apt install "
+            "python3-virt-firmware on Debian 13",
+        )
+    return found
+
+
+def enrol_mok(variables: Path, cert: Path) -> None:
+    """Add `cert` to shim's MOK list in the firmware variables file, in place."""
+    if not cert.is_file():
+        raise ConfigError(f"--mok {cert}: no such certificate file")
+    enrolled = variables.with_name("vars-mok.fd")
+    run(
+        [
+            virt_fw_vars(), "--input", os.fspath(variables), "--output", os.fspath(enrolled),
+            "--add-mok", SHIM_LOCK_GUID, os.fspath(cert),
+        ],
+        capture=True, what="virt-fw-vars --add-mok",
+    )  # fmt: skip
+    os.replace(enrolled, variables)
+
+
 @contextlib.contextmanager
-def vm_scratch(image: Path, *, in_place: bool, firmware: str) -> Iterator[VmFiles]:
+def vm_scratch(
+    image: Path, *, in_place: bool, firmware: str, mok: Path | None = None
+) -> Iterator[VmFiles]:
     """A scratch dir with a copy of the firmware variables and the disk to boot."""
     if not image.is_file():
         raise ConfigError(f"{image}: no such image file")
-    code, variables = find_firmware() if firmware == "uefi" else (None, None)
+    if mok is not None and firmware != "uefi-secureboot":
+        raise ConfigError(
+            f"--mok needs Secure Boot firmware, not {firmware}",
+            hint="add --firmware uefi-secureboot",
+        )
+    code, variables = (
+        find_firmware(secure_boot=firmware == "uefi-secureboot")
+        if firmware_base(firmware) == "uefi"
+        else (None, None)
+    )
     fmt = disk_format(image)
     if fmt == "zstd" and in_place:
         raise ConfigError(
@@ -227,6 +315,8 @@ def vm_scratch(image: Path, *, in_place: bool, firmware: str) -> Iterator[VmFile
         if variables is not None:
             vars_copy = scratch / "vars.fd"
             shutil.copyfile(variables, vars_copy)
+            if mok is not None:
+                enrol_mok(vars_copy, mok)
         disk = image.resolve()
         if fmt == "zstd":
             require_tools("zstd")
@@ -253,17 +343,19 @@ def boot_interactive(
     ssh_port: int | None = None,
     firmware: str | None = None,
     display: str = "",
+    mok: Path | None = None,
 ) -> int:
     require_tools("qemu-system-x86_64", "qemu-img")
     firmware = pick_firmware(image, firmware)
     accel = pick_accel(firmware)
     while True:
-        with vm_scratch(image, in_place=not snapshot, firmware=firmware) as vm:
+        with vm_scratch(image, in_place=not snapshot, firmware=firmware, mok=mok) as vm:
             argv = qemu_argv(
                 disk=vm.disk, disk_fmt=vm.disk_fmt, firmware_code=vm.firmware_code,
                 firmware_vars=vm.firmware_vars, accel=accel, memory=memory,
                 serial=["mon:stdio"], forwards={ssh_port: 22} if ssh_port else None,
                 display=display,
+                secure_boot=firmware == "uefi-secureboot",
             )  # fmt: skip
             log.info(f"booting {image} under {firmware}, {accel} (Ctrl-A X quits QEMU)")
             log.debug(format_command(argv))

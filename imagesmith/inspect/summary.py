@@ -12,6 +12,7 @@ from imagesmith.host.aptsources import archive_mirror
 
 DISK_ONLY_SETTINGS = {
     "size", "esp_size", "filesystem", "firmware", "kernel_cmdline", "serial_console", "network",
+    "secure_boot",
 }  # fmt: skip
 
 
@@ -30,7 +31,9 @@ def summary_lines(image: ResolvedImage) -> list[str]:
         if cls.extends:
             origin += " (extends built-in)"
         if cls.switched_by:
-            origin += f" (added by {cls.switched_by} = true)"
+            value = getattr(s, cls.switched_by)
+            shown = "true" if value is True else f'"{value}"'
+            origin += f" (added by {cls.switched_by} = {shown})"
         targets = "/".join(cls.effective_targets)
         state = "" if cls.name in applied else f"  -- skipped: not for a {target} image"
         lines.append(f"    {cls.name:<18} {targets:<15} {origin}{state}")

@@ -7,6 +7,9 @@ image or rootfs tarball without booting it (see `inspect/imagefiles.py` for how 
 tree is read without mounts).
 
 The findings and what each means are listed in config/findings.py.
+For an image built with secure_boot on, `imagesmith verify` also reads the
+ESP and reports who signed each binary on the boot path
+(inspect/secureboot.py); an unsigned or altered one is a finding.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hmac
 import json
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +30,7 @@ from imagesmith.formats import manifest_for
 from imagesmith.host.libcrypt import password_matches
 from imagesmith.host.paths import listdir_in_root, lstat_in_root, read_in_root
 from imagesmith.inspect.imagefiles import image_tree
+from imagesmith.inspect.secureboot import BootBinary, boot_path_binaries
 
 KNOWN_PASSWORDS = ("", "root", "toor", "debian", "password", "admin", "changeme", "123456", "live")
 # A whole PEM private key: the header, a base64 body, the footer. The header
@@ -355,14 +360,45 @@ def scan_context_from_manifest(manifest: dict[str, Any], key: bytes = b"") -> Sc
     )
 
 
+@dataclass(frozen=True)
+class VerifyResult:
+    findings: list[Finding]
+    waived: list[Finding]
+    boot_path: list[BootBinary]  # a Secure Boot image's signed binaries, else empty
+
+
+def check_boot_signatures(boot_path: list[BootBinary]) -> list[Finding]:
+    return [
+        Finding(
+            "unsigned-boot-binary",
+            b.path,
+            "not signed" if not b.signed else "does not match its signature (altered)",
+        )
+        for b in boot_path
+        if not (b.signed and b.intact)
+    ]
+
+
 def verify_image_file(
     image_file: Path, manifest: Path | None = None, *, key: bytes = b""
-) -> tuple[list[Finding], list[Finding]]:
+) -> VerifyResult:
     """Scan a built disk image or rootfs tarball; the manifest adds waivers and,
-    with the build host's hygiene `key`, the digests of the build's secrets."""
+    with the build host's hygiene `key`, the digests of the build's secrets.
+
+    With a manifest that says secure_boot is on, the boot path's signatures too.
+    """
     manifest = manifest or manifest_for(image_file)
     scan = ScanContext()
+    secure_boot = False
     if manifest.is_file():
-        scan = scan_context_from_manifest(json.loads(manifest.read_text()), key)
-    with image_tree(image_file) as tree:
-        return scan_tree(tree, scan)
+        data = json.loads(manifest.read_text())
+        scan = scan_context_from_manifest(data, key)
+        secure_boot = data.get("settings", {}).get("secure_boot", "off") != "off"
+    with tempfile.TemporaryDirectory(prefix="imagesmith-esp-") as esp:
+        with image_tree(image_file, esp=Path(esp) if secure_boot else None) as tree:
+            findings, waived = scan_tree(tree, scan)
+            boot_path = boot_path_binaries(Path(esp), tree) if secure_boot else []
+    signatures = check_boot_signatures(boot_path)
+    findings += [f for f in signatures if f.code not in scan.waived]
+    waived += [f for f in signatures if f.code in scan.waived]
+    return VerifyResult(findings, waived, boot_path)

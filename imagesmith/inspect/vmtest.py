@@ -16,6 +16,10 @@ stopped and the console's tail is shown. `write_report()` keeps every
 check's output as JSON, for checks that read values out of the guest.
 Needs systemd 256 or newer in the guest (trixie and later).
 
+Under `uefi-secureboot` the runner also checks that Secure Boot is on in
+the guest, and a boot that OVMF or shim refuses (a binary whose signature
+does not verify) ends at once as "refused", with the console's line.
+
 QEMU's own failures are survived: KVM that cannot run the guest here falls
 back to TCG, and TCG's code-patching race (qemu.py) boots again with one vCPU.
 """
@@ -83,6 +87,14 @@ BOOT_FAILURES = (
     ("the kernel panicked", re.compile(r"Kernel panic - not syncing.*")),
 )  # fmt: skip
 CHECK_DROPIN = "[Unit]\nWants=imagesmith-check.service\n"
+# OVMF: "failed to load Boot0002 ...: Access Denied"; shim: "Verification
+# failed: (0x1A) Security Violation" for a second stage it will not start.
+SECURE_BOOT_REFUSAL = re.compile(
+    r"^.*(?:Access Denied|Security Violation|Verification failed).*$", re.MULTILINE
+)
+KERNEL_START = "Linux version"
+# In the checks payload: the guest must report Secure Boot on.
+EXPECT_SECURE_BOOT = "expect-secure-boot"
 
 
 @dataclass
@@ -120,15 +132,20 @@ class TestResult:
         return "\n".join(lines)
 
 
-def checks_payload(nonce: str, checks_dir: Path | None, *, graphical: bool = False) -> bytes:
-    """tar.gz of the runner, the nonce, the user's check scripts, and a
-    `graphical` flag file that turns on the display manager checks."""
+def checks_payload(
+    nonce: str, checks_dir: Path | None, *, secure_boot: bool = False, graphical: bool = False
+) -> bytes:
+    """tar.gz of the runner, the nonce, what to expect (Secure Boot on, a
+    display manager) and the user's check scripts."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(GUEST_DIR / "run-checks", arcname="run-checks")
-        for name, data in (("nonce", nonce.encode()), ("graphical", b"1" if graphical else b"")):
-            if not data:
-                continue
+        files = {"nonce": nonce.encode()}
+        if secure_boot:
+            files[EXPECT_SECURE_BOOT] = b"1\n"
+        if graphical:
+            files["graphical"] = b"1\n"
+        for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -160,6 +177,7 @@ def test_image(
     console_log: Path | None = None,
     firmware: str | None = None,
     screenshot: Path | None = None,
+    mok: Path | None = None,
 ) -> TestResult:
     """Boot and check; with `screenshot`, the guest gets a display, the
     display manager and its greeter are checked, and a PNG of the screen is
@@ -173,13 +191,18 @@ def test_image(
     smbios = [
         credential("systemd.extra-unit.imagesmith-check.service", CHECK_UNIT.encode()),
         credential("systemd.unit-dropin.multi-user.target", CHECK_DROPIN.encode()),
-        credential("imagesmith.checks", checks_payload(nonce, checks_dir, graphical=graphical)),
+        credential(
+            "imagesmith.checks",
+            checks_payload(
+                nonce, checks_dir, secure_boot=firmware == "uefi-secureboot", graphical=graphical
+            ),
+        ),
     ]
     started = time.monotonic()
     accel, vcpus = pick_accel(firmware), VCPUS
     while True:
         # Every attempt boots a fresh overlay and firmware variables.
-        with vm_scratch(image, in_place=in_place, firmware=firmware) as vm:
+        with vm_scratch(image, in_place=in_place, firmware=firmware, mok=mok) as vm:
             scratch = vm.scratch
             console, report = scratch / "console.log", scratch / "checks.log"
             firmware_log = scratch / "firmware.log" if firmware == "bios" else None
@@ -189,6 +212,7 @@ def test_image(
                 serial=[f"file:{console}", f"file:{report}"], smbios=smbios,
                 firmware_log=firmware_log, display="screen" if graphical else "",
                 qmp=scratch / "qmp.sock" if graphical else None,
+                secure_boot=firmware == "uefi-secureboot",
             )  # fmt: skip
             log.info(f"testing {image} under QEMU ({firmware}, {accel}), timeout {timeout}s")
             result = watch_vm(
@@ -196,6 +220,7 @@ def test_image(
                 kvm=accel == "kvm", firmware_log=firmware_log,
                 tcg_race=accel == "tcg" and vcpus > 1,
                 screenshot=scratch / "screen.png" if graphical else None,
+                secure_boot=firmware == "uefi-secureboot",
             )  # fmt: skip
             if result == "kvm-failed" and accel == "kvm":
                 why = KVM_FAILURE.search(read_text(scratch / "qemu.err"))
@@ -246,25 +271,29 @@ def test_result(
 ) -> TestResult:
     """What `watch_vm` saw and the guest reported, as a TestResult."""
     report = read_text(scratch / "checks.log")
+    console = read_text(scratch / "console.log")
     passed = result == "done" and parse_report(report, nonce) == "PASS"
     reasons = {
         "done": "all checks passed in the guest" if passed else "checks failed in the guest",
         "timeout": f"no result from the guest within {timeout}s",
         "exited": "QEMU exited before the guest reported",
         "check-unit-failed": "the check runner could not start in the guest (see console)",
+        "refused": "Secure Boot refused to start the boot path (see console)",
     }
     test = TestResult(
         image=image,
         passed=passed,
         reason=reasons.get(result, result),
         checks=parse_checks(report, nonce),
-        console_tail=read_text(scratch / "console.log").splitlines()[-30:],
+        console_tail=console.splitlines()[-30:],
         duration=time.monotonic() - started,
         accel=accel,
         firmware=firmware,
     )
     if result == "exited":
         test.details += read_text(scratch / "qemu.err").splitlines()[-10:]
+    if result == "refused" and (m := SECURE_BOOT_REFUSAL.search(plain_text(console))):
+        test.details.append(f"  refused: {m.group(0).strip()}")
     if result == "boot-failed":
         logs = read_text(scratch / "console.log"), read_text(scratch / "firmware.log")
         if seen := boot_failure(*logs):
@@ -285,6 +314,7 @@ def watch_vm(
     firmware_log: Path | None = None,
     tcg_race: bool = False,
     screenshot: Path | None = None,
+    secure_boot: bool = False,
 ) -> str:
     """Run QEMU until the guest reports, QEMU exits, or the timeout.
 
@@ -293,6 +323,7 @@ def watch_vm(
     the disk within SEABIOS_KVM_GRACE seconds. With `tcg_race` (TCG with
     more than one vCPU), a guest oops from TCG's code-patching race ends
     the boot at once as "tcg-race", for the caller to boot again with one.
+    With `secure_boot`, OVMF's or shim's refusal ends it as "refused".
     """
     log.debug(format_command(argv))
     started = time.monotonic()
@@ -318,6 +349,9 @@ def watch_vm(
                     return "check-unit-failed"
                 if tcg_race and TCG_CODE_PATCH_RACE in text:
                     return "tcg-race"
+                # Only the firmware's and shim's words count, not the kernel's.
+                if secure_boot and SECURE_BOOT_REFUSAL.search(text.partition(KERNEL_START)[0]):
+                    return "refused"
                 if boot_failure(text, read_text(firmware_log) if firmware_log else ""):
                     return "boot-failed"
                 # On a KVM internal error QEMU pauses the guest and lives on.
@@ -350,6 +384,12 @@ def boot_failure(*texts: str) -> tuple[str, list[str]] | None:
     return None
 
 
+def plain_text(console: str) -> str:
+    """Console text without terminal escapes and box drawing: shim draws its errors."""
+    text = re.sub(r"\x1b\[[0-9;?=]*[A-Za-z]", "\n", console)
+    return re.sub(r"[^\x20-\x7e\n]+", "\n", text)
+
+
 def parse_report(text: str, nonce: str) -> str:
     match = re.search(rf"^IMAGESMITH-RESULT {nonce} (PASS|FAIL)\s*$", text, re.MULTILINE)
     return match.group(1) if match else ""
@@ -377,6 +417,7 @@ def write_report(result: TestResult, target: Path) -> None:
         "reason": result.reason,
         "duration": round(result.duration, 1),
         "accel": result.accel,
+        "firmware": result.firmware,
         "checks": [{"name": c.name, "passed": c.passed, "output": c.output} for c in result.checks],
     }
     target.write_text(json.dumps(data, indent=2) + "\n")

@@ -18,7 +18,21 @@ Produces:
 - the initramfs, built once, now that every package and hook is in place,
   or taken from the cache when nothing it holds changed (tree/initramfs.py).
 
-Both GRUB images get the prefix `(,gptN)/boot/grub`, N the root partition:
+With `secure_boot = "distribution"` the UEFI path is the distribution's
+signed chain instead (install_signed_chain): shim as BOOTX64.EFI, the signed
+GRUB as grubx64.efi and MokManager (mmx64.efi) beside it, and
+EFI/debian/grub.cfg, where Debian's signed GRUB looks (its prefix is
+/EFI/debian on the disk it was loaded from). That file finds the root
+partition on the disk GRUB came from, as the prefix below does, and reads
+the same /boot/grub/grub.cfg. shim's fallback (fbx64.efi) is left out: at
+the removable path it would write NVRAM entries and reboot.
+
+With `secure_boot = "own"` (install_own_chain), shim and MokManager stay,
+and grubx64.efi is the image's own GRUB, as below, with the signed GRUB's
+SBAT data; it and the kernel are signed on the host with sbsign and the key
+set in `secure_boot_keys` (host/signing.py), trusted as a MOK.
+
+Both unsigned GRUB images get the prefix `(,gptN)/boot/grub`, N the root partition:
 it names the root partition on whatever disk the firmware booted from. No
 UUID search (filesystem UUIDs may change on first boot), no disk order
 assumption. /boot is a directory of the root filesystem, ext4 or btrfs.
@@ -27,6 +41,8 @@ assumption. /boot is a directory of the root filesystem, ext4 or btrfs.
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 
 from imagesmith.config.layout import DiskLayout
 from imagesmith.context import BuildContext
@@ -39,6 +55,8 @@ from imagesmith.host.paths import (
     write_in_root,
 )
 from imagesmith.host.sandbox import run_in_root
+from imagesmith.host.signing import sign_pe
+from imagesmith.inspect.secureboot import pe_section
 from imagesmith.tree.firstboot import first_boot_cmdline
 from imagesmith.tree.initramfs import build_initramfs
 
@@ -154,19 +172,96 @@ def copy_grub_modules(ctx: BuildContext, platform: str, *, package: str, klass: 
     )
 
 
-def install_grub_efi(ctx: BuildContext) -> None:
+def install_grub_efi(ctx: BuildContext, *, name: str = "BOOTX64.EFI", sbat: str = "") -> None:
+    """The image's own GRUB as ESP:/EFI/BOOT/NAME; with `sbat`, an .sbat section for shim."""
     copy_grub_modules(ctx, "x86_64-efi", package="grub-efi-amd64-bin", klass="uefi")
     boot_dir = ctx.esp_tree / "EFI/BOOT"
     boot_dir.mkdir(parents=True, exist_ok=True)
+    sbat_args, binds = [], [(boot_dir, "/run/imagesmith/esp")]
+    if sbat:
+        (ctx.workdir / "sbat").mkdir(exist_ok=True)
+        (ctx.workdir / "sbat/sbat.csv").write_text(sbat)
+        sbat_args = ["--sbat=/run/imagesmith/sbat/sbat.csv"]
+        binds.append((ctx.workdir / "sbat", "/run/imagesmith/sbat"))
     run_in_root(
         ctx.tree,
         [
-            "grub-mkimage", "--format=x86_64-efi", "--output=/run/imagesmith/esp/BOOTX64.EFI",
-            f"--prefix={grub_prefix(ctx.layout)}", *GRUB_EFI_MODULES,
+            "grub-mkimage", "--format=x86_64-efi", f"--output=/run/imagesmith/esp/{name}",
+            f"--prefix={grub_prefix(ctx.layout)}", *sbat_args, *GRUB_EFI_MODULES,
         ],
-        binds=[(boot_dir, "/run/imagesmith/esp")],
+        binds=binds,
         what="grub-mkimage",
     )  # fmt: skip
+
+
+SHIM = "usr/lib/shim/shimx64.efi.signed"
+MOK_MANAGER = "usr/lib/shim/mmx64.efi.signed"
+SIGNED_GRUB = "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
+
+
+def signed_grub_cfg_text(ctx: BuildContext) -> str:
+    """EFI/debian/grub.cfg: from the ESP to the root's /boot/grub/grub.cfg.
+
+    The disk comes from $root, which GRUB sets to the ESP it was loaded
+    from, "hd0,gpt2" ($cmdpath is empty when shim starts it: seen under
+    OVMF); the partition number is the layout's, so no UUID is needed:
+    new_fs_uuid changes the root filesystem's on first boot. The fs UUID
+    search is a fallback only for a GRUB without `regexp`.
+    """
+    root = ctx.layout.root
+    return (
+        "# Written by imagesmith. Debian's signed GRUB reads this file; it reads\n"
+        "# the image's own /boot/grub/grub.cfg on the root partition of its disk.\n"
+        "if regexp --set=1:imagesmith_disk '^([^,]+)' \"$root\"; then\n"
+        f'    set root="($imagesmith_disk,gpt{root.number})"\n'
+        "else\n"
+        '    echo "imagesmith: no regexp in this GRUB; finding the root by its UUID"\n'
+        f"    search --no-floppy --fs-uuid --set=root {root.fs_uuid}\n"
+        "fi\n"
+        'set prefix="($root)/boot/grub"\n'
+        'configfile "$prefix/grub.cfg"\n'
+    )
+
+
+def install_signed_chain(ctx: BuildContext) -> None:
+    """shim, the signed GRUB and MokManager at the removable path; GRUB's config."""
+    copy_signed_binaries(
+        ctx, {"BOOTX64.EFI": SHIM, "grubx64.efi": SIGNED_GRUB, "mmx64.efi": MOK_MANAGER}
+    )
+    vendor_dir = ctx.esp_tree / "EFI/debian"
+    vendor_dir.mkdir(parents=True, exist_ok=True)
+    (vendor_dir / "grub.cfg").write_text(signed_grub_cfg_text(ctx))
+
+
+def install_own_chain(ctx: BuildContext) -> None:
+    """shim and MokManager, then the image's own GRUB and kernel signed with our key.
+
+    GRUB gets the signed GRUB's SBAT data (same source package), without
+    which shim refuses it. The key stays on the host; its contents join the
+    secrets the hygiene scan must not find in the image.
+    """
+    keys = Path(ctx.image.settings.secure_boot_keys)
+    copy_signed_binaries(ctx, {"BOOTX64.EFI": SHIM, "mmx64.efi": MOK_MANAGER, "": SIGNED_GRUB})
+    sbat = pe_section((ctx.tree / SIGNED_GRUB).read_bytes(), ".sbat").rstrip(b"\0").decode()
+    install_grub_efi(ctx, name="grubx64.efi", sbat=sbat)
+    sign_pe(ctx.esp_tree / "EFI/BOOT/grubx64.efi", keys=keys)
+    sign_pe(ctx.tree / f"boot/vmlinuz-{ctx.kernel_version}", keys=keys)
+    ctx.secrets.append((keys / "db.key").read_bytes())
+
+
+def copy_signed_binaries(ctx: BuildContext, sources: dict[str, str]) -> None:
+    """The distribution's signed binaries onto the ESP (a name "" only checks it is there)."""
+    boot_dir = ctx.esp_tree / "EFI/BOOT"
+    boot_dir.mkdir(parents=True, exist_ok=True)
+    for name, source in sources.items():
+        if not (ctx.tree / source).is_file():
+            raise BuildError(
+                f"the image has no /{source} for Secure Boot",
+                hint="the built-in `secure-boot` class installs shim-signed and "
+                'grub-efi-amd64-signed; it is applied while secure_boot is not "off"',
+            )
+        if name:
+            shutil.copyfile(ctx.tree / source, boot_dir / name)
 
 
 def install_grub_bios(ctx: BuildContext) -> None:
@@ -197,7 +292,12 @@ def configure_boot(ctx: BuildContext) -> None:
     write_in_root(ctx.tree, "boot/grub/grub.cfg", grub_cfg_text(ctx))
     if "uefi" in firmware:
         makedirs_in_root(ctx.tree, "boot/efi")
-        install_grub_efi(ctx)
+        if ctx.image.settings.secure_boot == "distribution":
+            install_signed_chain(ctx)
+        elif ctx.image.settings.secure_boot == "own":
+            install_own_chain(ctx)
+        else:
+            install_grub_efi(ctx)
     if "bios" in firmware:
         install_grub_bios(ctx)
     ctx.initramfs_cache = build_initramfs(ctx.tree, ctx.kernel_version, ctx.cache_dir)
