@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -217,3 +219,21 @@ def test_size_auto_is_accepted_for_the_disk_only() -> None:
     assert check_setting("size", "auto", where="w") == AUTO_SIZE
     with pytest.raises(ConfigError):
         check_setting("esp_size", "auto", where="w")
+
+
+def test_btrfs_that_outgrows_its_partition_is_refused_not_spilled(tmp_path: Path) -> None:
+    """mkfs.btrfs --rootdir makes the file bigger when the tree needs it; a
+    fixed size must then fail, not write past the partition (the backup GPT)."""
+    from imagesmith.disk.filesystems import make_btrfs_image
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "big").write_bytes(os.urandom(200 * MiB))
+    layout = plan_disk_layout(
+        size=400 * MiB, esp_size=64 * MiB, filesystem="btrfs", architecture="amd64",
+        uuids=UuidSource("btrfs-fit"),
+    )  # fmt: skip
+    made = make_btrfs_image(tmp_path / "small.btrfs", layout.root, tree, size=120 * MiB)
+    assert made > 120 * MiB  # what assemble_disk refuses with "raise size"
+    shrunk = make_btrfs_image(tmp_path / "auto.btrfs", layout.root, tree, size=None)
+    assert 200 * MiB < shrunk < 320 * MiB

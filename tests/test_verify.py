@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from imagesmith.config.layout import MiB, UuidSource, plan_disk_layout
-from imagesmith.disk.filesystems import make_btrfs, make_esp, make_ext4
+from imagesmith.disk.filesystems import make_btrfs_image, make_esp, make_ext4, place_image
 from imagesmith.disk.gpt import write_partition_table
 from tests.conftest import imagesmith
 
@@ -186,7 +186,9 @@ def disk_image(tree: Path, tmp_path: Path, filesystem: str) -> Path:
     write_partition_table(disk, layout)
     make_esp(disk, layout.esp, tmp_path / "no-esp-files")
     if filesystem == "btrfs":
-        make_btrfs(disk, layout.root, tree, tmp_path)
+        image = tmp_path / "root.btrfs"
+        make_btrfs_image(image, layout.root, tree, size=layout.root.size)
+        place_image(image, disk, layout.root)
     else:
         make_ext4(disk, layout.root, tree)
     return disk

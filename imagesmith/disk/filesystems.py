@@ -64,18 +64,26 @@ def make_ext4(disk: Path, part: Partition, tree: Path) -> None:
     )  # fmt: skip
 
 
-def make_btrfs(disk: Path, part: Partition, tree: Path, scratch: Path) -> None:
-    image = scratch / "root.btrfs"
+def make_btrfs_image(image: Path, part: Partition, tree: Path, *, size: int | None) -> int:
+    """A btrfs of `tree` in the file `image`; returns the filesystem's size.
+
+    With `size`, the filesystem is that big. mkfs.btrfs --rootdir makes the
+    file bigger when the tree needs more room, so a returned size above
+    `size` means the tree does not fit. With None, the filesystem is as small
+    as its content (`--shrink`): systemd-growfs grows it on first boot.
+    """
     with image.open("wb") as f:
-        f.truncate(part.size)
-    try:
-        run(
-            [
-                "mkfs.btrfs", "-q", "-f", "-L", part.label, "-U", part.fs_uuid,
-                "--rootdir", os.fspath(tree), os.fspath(image),
-            ],
-            what="mkfs.btrfs (root)",
-        )  # fmt: skip
-        copy_sparse(image, disk, offset=part.start)
-    finally:
-        image.unlink(missing_ok=True)
+        f.truncate(size or 0)
+    run(
+        [
+            "mkfs.btrfs", "-q", "-f", "-L", part.label, "-U", part.fs_uuid,
+            "--rootdir", os.fspath(tree), *([] if size else ["--shrink"]), os.fspath(image),
+        ],
+        what="mkfs.btrfs (root)",
+    )  # fmt: skip
+    return image.stat().st_size
+
+
+def place_image(image: Path, disk: Path, part: Partition) -> None:
+    """A filesystem image into its partition of the disk, holes kept."""
+    copy_sparse(image, disk, offset=part.start)

@@ -16,12 +16,20 @@ No loop devices, no partition device nodes, no device-mapper, no mounts.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from imagesmith import log
 from imagesmith.config.layout import disk_size_for, resized
 from imagesmith.config.settings import AUTO_HEADROOM, AUTO_SIZE, format_size
 from imagesmith.context import BuildContext
 from imagesmith.disk.biosboot import install_bios_boot
-from imagesmith.disk.filesystems import make_btrfs, make_esp, make_ext4, tree_size
+from imagesmith.disk.filesystems import (
+    make_btrfs_image,
+    make_esp,
+    make_ext4,
+    place_image,
+    tree_size,
+)
 from imagesmith.disk.gpt import write_partition_table
 from imagesmith.errors import ConfigError
 
@@ -43,26 +51,57 @@ def check_tree_fits(ctx: BuildContext) -> None:
         return
     have = ctx.layout.root.size
     if need > have:
-        shortfall = need - have
-        raise ConfigError(
-            f"{ctx.image.config_space / 'imagesmith.toml'} [images.{ctx.image.name}] size: "
-            f"the root filesystem needs about {format_size(need)} but the "
-            f"{format_size(ctx.image.settings.size)} disk leaves {format_size(have)}",
-            hint=f"raise size by at least {format_size(shortfall)}",
+        raise too_small(ctx, need)
+
+
+def too_small(ctx: BuildContext, need: int) -> ConfigError:
+    have = ctx.layout.root.size
+    return ConfigError(
+        f"{ctx.image.config_space / 'imagesmith.toml'} [images.{ctx.image.name}] size: "
+        f"the root filesystem needs about {format_size(need)} but the "
+        f"{format_size(ctx.image.settings.size)} disk leaves {format_size(have)}",
+        hint=f'raise size by at least {format_size(need - have)}, or set size = "auto"',
+    )
+
+
+def make_btrfs_root(ctx: BuildContext, image: Path) -> None:
+    """The btrfs root in `image`, before the disk is written. With size =
+    "auto", as small as its content, and the disk sized to it plus headroom:
+    mkfs.btrfs knows what btrfs needs (many small files cost it much more
+    than ext4), no estimate does."""
+    if ctx.image.settings.size == AUTO_SIZE:
+        made = make_btrfs_image(image, ctx.layout.root, ctx.tree, size=None)
+        ctx.layout = resized(ctx.layout, disk_size_for(ctx.layout, made + AUTO_HEADROOM))
+        log.info(
+            f"    size auto: a {format_size(made)} btrfs, a {format_size(ctx.layout.size)} disk"
         )
+        return
+    check_tree_fits(ctx)
+    made = make_btrfs_image(image, ctx.layout.root, ctx.tree, size=ctx.layout.root.size)
+    if made > ctx.layout.root.size:
+        raise too_small(ctx, made)
 
 
 def assemble_disk(ctx: BuildContext) -> None:
     if ctx.image.target != "disk":
         return
-    check_tree_fits(ctx)
-    layout = ctx.layout
-    write_partition_table(ctx.disk, layout)
-    if (esp := layout.partition("esp")) is not None:
-        make_esp(ctx.disk, esp, ctx.esp_tree)
-    if (bios_boot := layout.bios_boot) is not None:
-        install_bios_boot(ctx.disk, bios_boot, ctx.bios_dir / "boot.img", ctx.bios_dir / "core.img")
-    if layout.root.filesystem == "btrfs":
-        make_btrfs(ctx.disk, layout.root, ctx.tree, ctx.workdir)
-    else:
-        make_ext4(ctx.disk, layout.root, ctx.tree)
+    btrfs = ctx.workdir / "root.btrfs"
+    try:
+        if ctx.layout.root.filesystem == "btrfs":
+            make_btrfs_root(ctx, btrfs)
+        else:
+            check_tree_fits(ctx)
+        layout = ctx.layout
+        write_partition_table(ctx.disk, layout)
+        if (esp := layout.partition("esp")) is not None:
+            make_esp(ctx.disk, esp, ctx.esp_tree)
+        if (bios_boot := layout.bios_boot) is not None:
+            install_bios_boot(
+                ctx.disk, bios_boot, ctx.bios_dir / "boot.img", ctx.bios_dir / "core.img"
+            )
+        if layout.root.filesystem == "btrfs":
+            place_image(btrfs, ctx.disk, layout.root)
+        else:
+            make_ext4(ctx.disk, layout.root, ctx.tree)
+    finally:
+        btrfs.unlink(missing_ok=True)
