@@ -198,7 +198,7 @@ def qemu_argv(
     argv = [
         "qemu-system-x86_64",
         "-machine", f"q35,{'smm=on,' if secure_boot else ''}accel={accel}",
-        "-cpu", "host" if accel == "kvm" else "max",
+        "-cpu", "host" if accel == "kvm" else TCG_CPU_WITH_SCREEN if display else "max",
         "-smp", str(vcpus), "-m", str(memory),
     ]  # fmt: skip
     if secure_boot:
@@ -228,6 +228,14 @@ def qemu_argv(
     for value in smbios:
         argv += ["-smbios", f"type=11,value={value}"]
     return argv
+
+
+# A guest with a screen draws it with Mesa's llvmpipe, which JIT-compiles
+# code for the CPU's vector units. Under TCG with `-cpu max` (AVX and AVX2
+# emulated since QEMU 7.2), the desktop example's greeter segfaulted; without
+# them (and with Plasma's breeze theme) it draws. Which of the two changes
+# mattered is not isolated: a screen under TCG gets no AVX, to be safe.
+TCG_CPU_WITH_SCREEN = "max,avx=off,avx2=off,avx512f=off"
 
 
 def display_argv(display: str) -> list[str]:

@@ -58,6 +58,8 @@ from imagesmith.inspect.screen import MIN_COLOURS, distinct_colours, screendump
 GUEST_DIR = Path(__file__).parent.parent / "data" / "guest"
 # A desktop needs room: Plasma under TCG with 1 GiB swaps itself to a halt.
 GRAPHICAL_MEMORY = 4096
+GREETER_DRAW = 300.0  # seconds a greeter may take to draw itself after it starts
+GREETER_POLL = 10.0
 CHECK_UNIT = """\
 [Unit]
 Description=imagesmith test checks
@@ -245,6 +247,18 @@ def test_image(
             return test
 
 
+def photograph_greeter(qmp: Path, target: Path, deadline: float) -> None:
+    """Photograph the screen until it shows a drawn greeter or GREETER_DRAW
+    seconds have passed: under software emulation, a greeter's process runs
+    long before its first frame is on the screen."""
+    until = min(deadline, time.monotonic() + GREETER_DRAW)
+    while True:
+        screendump(qmp, target)
+        if distinct_colours(target) >= MIN_COLOURS or time.monotonic() > until:
+            return
+        time.sleep(GREETER_POLL)
+
+
 def keep_screenshot(test: TestResult, taken: Path, target: Path) -> None:
     """Save the PNG; a screen with too few colours to be a greeter fails the test."""
     if not taken.is_file():
@@ -342,7 +356,7 @@ def watch_vm(
                 exited = proc.poll() is not None  # before reading: no output lost
                 if parse_report(read_text(report), nonce):
                     if screenshot is not None and not exited:
-                        screendump(scratch / "qmp.sock", screenshot)
+                        photograph_greeter(scratch / "qmp.sock", screenshot, deadline)
                     return "done"
                 text = read_text(console)
                 if UNIT_FAILED in text:
