@@ -202,3 +202,17 @@ def test_disk_config_rejects_lvm_raid_luks(tmp_path: Path, text: str) -> None:
     path = write(tmp_path / "LVM", text)
     with pytest.raises(ConfigError, match=r"disk_config/LVM:\d"):
         map_disk_config(path, "disk_config/LVM")
+
+
+def test_fai_files_the_importer_copies_must_stay_in_the_space(tmp_path: Path) -> None:
+    """A debconf file, .deb or key that is a symlink to a host file would put
+    the host's content into the new config space, and from there the image."""
+    from imagesmith.config.tomlfile import inside_space
+
+    space = tmp_path / "fai"
+    (space / "debconf").mkdir(parents=True)
+    host = tmp_path / "host-secret"
+    host.write_text("root:$1$x$y:1::::::\n")
+    (space / "debconf/DEMO").symlink_to(host)
+    with pytest.raises(ConfigError, match="leads out of the config space"):
+        inside_space(space, space / "debconf/DEMO", "a debconf file")

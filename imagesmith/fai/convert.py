@@ -25,6 +25,7 @@ from pathlib import Path
 
 from imagesmith import log
 from imagesmith.config.classes import BUILTIN_CLASSES
+from imagesmith.config.tomlfile import inside_space
 from imagesmith.errors import ConfigError
 from imagesmith.fai.archive import archive_package_names, space_components
 from imagesmith.fai.classes import FAI_DATA, FaiClasses, resolve_fai_classes
@@ -126,6 +127,7 @@ def class_packages(
     path = req.space / "package_config" / name
     if not path.is_file():
         return Packages()
+    inside_space(req.space, path, "a package_config file")
     return read_package_config(
         path, f"package_config/{name}", set(fai.classes), dict(fai.variables), known
     )
@@ -146,18 +148,20 @@ def write_class(
     (folder / "class.toml").write_text("\n".join(lines) + "\n")
     debconf = req.space / "debconf" / name
     if debconf.is_file():
-        shutil.copyfile(debconf, folder / "debconf")
+        shutil.copyfile(inside_space(req.space, debconf, "a debconf file"), folder / "debconf")
     debs = sorted((req.space / "pkgs" / name).glob("*.deb"))
     if debs:
         (folder / "debs").mkdir()
         for deb in debs:
-            shutil.copyfile(deb, folder / "debs" / deb.name)
+            shutil.copyfile(inside_space(req.space, deb, "a .deb"), folder / "debs" / deb.name)
     for suffix in ("gpg", "asc"):
         key = req.space / "package_config" / f"{name}.{suffix}"
         if key.is_file():
             keys = folder / "files/etc/apt/trusted.gpg.d"
             keys.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(key, keys / f"fai-{name}.{suffix}")
+            shutil.copyfile(
+                inside_space(req.space, key, "an apt key"), keys / f"fai-{name}.{suffix}"
+            )
             notes.append(
                 Note(f"package_config/{name}.{suffix}", "apt key",
                      "placed in /etc/apt/trusted.gpg.d; a repository the build uses "
@@ -203,6 +207,7 @@ def write_image(req: ImportRequest, fai: FaiClasses, notes: list[Note]) -> None:
         settings["components"] = list(components)
     disk_config = disk_config_for(req.space, fai.classes)
     if disk_config is not None:
+        inside_space(req.space, disk_config, "a disk_config file")
         mapping = map_disk_config(disk_config, f"disk_config/{disk_config.name}")
         settings.update(mapping.settings)
         notes.extend(mapping.notes)
