@@ -21,7 +21,7 @@ from pathlib import Path
 
 from imagesmith.errors import ConfigError
 from imagesmith.host.run import run
-from imagesmith.host.sandbox import SANDBOX_SPACE, readonly_host_argv
+from imagesmith.host.sandbox import SANDBOX_SPACE, SANDBOX_TOOLS, readonly_host_argv
 
 FAI_DATA = Path(__file__).parent.parent / "data" / "fai"
 CLASS_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
@@ -77,14 +77,14 @@ def resolve_fai_classes(
         "renewclass": "1" if renew else "0",
         "HOSTNAME": hostname,
         "LOGDIR": "/tmp/fai",
-        "PATH": f"{FAI_DATA}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PATH": f"{SANDBOX_TOOLS}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "LC_ALL": "C.UTF-8",
         "HOME": "/tmp",
     }
     script = 'exec 3>&1 1>&2; exec bash "$0"'
     argv = ["env", "-i", *(f"{k}={v}" for k, v in env.items()), "bash", "-c", script]
     result = run(
-        readonly_host_argv(space.resolve(), [*argv, FAI_DATA / "resolve-classes"]),
+        readonly_host_argv(space.resolve(), FAI_DATA, [*argv, f"{SANDBOX_TOOLS}/resolve-classes"]),
         capture=True,
         what="FAI class/ scripts and .var files (sandboxed)",
     )

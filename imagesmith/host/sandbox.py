@@ -84,21 +84,28 @@ def run_in_root(
 READONLY_HOST_PRELUDE = (
     "set -e; mount --make-rprivate /; "
     'for m in $(findmnt -rno TARGET); do mount -o remount,bind,ro "$m" 2>/dev/null || true; done; '
-    'mount -t tmpfs -o size=1m tmpfs /mnt; mkdir /mnt/space; mount --bind "$1" /mnt/space; '
-    "mount -o remount,bind,ro /mnt/space; shift; "
+    "mount -t tmpfs -o size=1m tmpfs /mnt; mkdir /mnt/space /mnt/tools; "
+    'mount --bind "$1" /mnt/space; mount -o remount,bind,ro /mnt/space; '
+    'mount --bind "$2" /mnt/tools; mount -o remount,bind,ro /mnt/tools; shift 2; '
     "mount -t tmpfs -o size=256m,mode=1777 tmpfs /tmp; "
     'exec setpriv --bounding-set=-all --inh-caps=-all --no-new-privs -- "$@"'
 )
 SANDBOX_SPACE = "/mnt/space"
+# imagesmith's own helpers in the sandbox: where they are on the host may be
+# under /tmp, which the sandbox covers with a tmpfs of its own.
+SANDBOX_TOOLS = "/mnt/tools"
 
 
-def readonly_host_argv(space: Path, argv: Sequence[str | os.PathLike[str]]) -> list[str]:
+def readonly_host_argv(
+    space: Path, tools: Path, argv: Sequence[str | os.PathLike[str]]
+) -> list[str]:
     """argv that runs `argv` on the build host without letting it write there:
     new mount, UTS, IPC and PID namespaces, every mount read-only, `space` at
-    SANDBOX_SPACE, a tmpfs on /tmp, no capabilities. For code from a config
-    space that must run on the host (FAI's class/ scripts)."""
+    SANDBOX_SPACE and `tools` at SANDBOX_TOOLS, a tmpfs on /tmp, no
+    capabilities. For code from a config space that must run on the host
+    (FAI's class/ scripts)."""
     return [
         "unshare", "--mount", "--uts", "--ipc", "--pid", "--fork", "--kill-child",
         "--mount-proc", "--", "bash", "-c", READONLY_HOST_PRELUDE, "imagesmith-sandbox",
-        os.fspath(space), *(os.fspath(a) for a in argv),
+        os.fspath(space), os.fspath(tools), *(os.fspath(a) for a in argv),
     ]  # fmt: skip
