@@ -189,8 +189,9 @@ def test_sigkill_when_paused_after_assembly_sweeps_the_half_output(
     while "pausing after assemble disk" not in log.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(1)
-    half = out / f".imagesmith-tmp-{proc.pid}-server.raw"
-    assert half.is_file()
+    # Outputs are written in a private directory named with the build's PID.
+    (half,) = out.glob(f".imagesmith-tmp-{proc.pid}-*")
+    assert (half / "server.raw").is_file()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     check_swept_by_next_run(proc, work, out)
