@@ -10,7 +10,8 @@ key (`stage_key()`):
 - the index state: the InRelease (or Release) file of each repository and
   suite, fetched once per build, so the archive publishing new versions
   changes the key;
-- the merged package set (order does not matter to apt, so it is sorted) and
+- the merged package set (order does not matter to apt, so it is sorted),
+  which of its packages come with their Recommends, and
   the debconf selections;
 - the tool version: imagesmith's bootstrap code and the mmdebstrap script.
 
