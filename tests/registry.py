@@ -8,15 +8,17 @@ htpasswd auth.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from imagesmith.host.libcrypt import crypt_hash
 
 
 @dataclass(frozen=True)
@@ -40,12 +42,17 @@ def free_port() -> int:
         return port
 
 
-def htpasswd_line(user: str, password: str) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import crypt  # bcrypt through libxcrypt; the registry accepts nothing else
+BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
-        return f"{user}:{crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))}"
+
+def htpasswd_line(user: str, password: str) -> str:
+    """A bcrypt htpasswd line (the registry accepts nothing else), through
+    libxcrypt: Python 3.13 has no crypt module."""
+    # 22 salt characters; the last holds 2 bits, so it is one of ".Oeu".
+    salt = "".join(secrets.choice(BCRYPT_ALPHABET) for _ in range(21)) + secrets.choice(".Oeu")
+    hashed = crypt_hash(password, f"$2b$10${salt}")
+    assert hashed.startswith("$2b$10$"), "libcrypt made no bcrypt hash"
+    return f"{user}:{hashed}"
 
 
 @contextlib.contextmanager

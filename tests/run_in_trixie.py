@@ -37,6 +37,8 @@ SUITE = "trixie"
 PACKAGES = (
     "python3", "python3-pytest", "zstd", "openssl", "fdisk", "e2fsprogs", "dosfstools",
     "mtools", "btrfs-progs", "qemu-utils", "mount", "util-linux", "procps", "mmdebstrap",
+    # The registry and the firmware the remote-cache and Secure Boot unit tests use.
+    "docker-registry", "skopeo", "ovmf",
 )  # fmt: skip
 
 
