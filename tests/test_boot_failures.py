@@ -51,7 +51,7 @@ def test_boot_failure_is_recognised_with_its_lines(name: str) -> None:
 
 def test_a_normal_boot_is_not_a_failure() -> None:
     normal = (
-        "iPXE (http://ipxe.org) 00:03.0 CA00 PCI2.10 PnP PMM+7EFCF0A0+7EF0F0A0 CA00\n"
+        "iPXE 00:03.0 CA00 PCI2.10 PnP PMM+7EFCF0A0+7EF0F0A0 CA00\n"
         "Booting from Hard Disk...\nWelcome to GRUB!\n"
         "[    0.000000] Linux version 6.12.0-1-amd64\n"
         "Begin: Running /scripts/local-premount ... done.\n"

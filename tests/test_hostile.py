@@ -12,6 +12,7 @@ of the example config space with a hostile class added.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import stat
@@ -142,7 +143,7 @@ def test_verify_refuses_a_tarball_that_writes_outside(tmp_path: Path, canary: Pa
         ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
-            tar.addfile(info, __import__("io").BytesIO(data))
+            tar.addfile(info, io.BytesIO(data))
     result = imagesmith("verify", archive, timeout=120)
     assert result.returncode == 2 and "refused" in result.stderr, result.stderr
 
@@ -157,7 +158,7 @@ def test_verify_of_a_tarball_never_writes_through_its_own_symlink(
         tar.addfile(link)
         info = tarfile.TarInfo("etc/machine-id")
         info.size = 1
-        tar.addfile(info, __import__("io").BytesIO(b"x"))
+        tar.addfile(info, io.BytesIO(b"x"))
         node = tarfile.TarInfo("dev/sda")
         node.type, node.devmajor, node.devminor = tarfile.BLKTYPE, 8, 0
         tar.addfile(node)
