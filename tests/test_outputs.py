@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
-from imagesmith.disk.sparse import HASH_CHUNK, sha256_file
+from imagesmith.disk.sparse import HASH_CHUNK, largest_file_problem, sha256_file
 
 MiB = 1024 * 1024
 
@@ -38,3 +39,23 @@ def test_sparse_hash_is_the_files_sha256(
     path = sparse_file(tmp_path / "disk.raw", size, data)
     assert path.stat().st_size == size
     assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_size_probes_of_parallel_builds_do_not_collide(tmp_path: Path) -> None:
+    """`--all -j 2` runs builds as threads of one process: each size probe
+    needs its own name (a PID-named probe failed one build with EEXIST)."""
+    problems: list[str] = []
+    start = threading.Barrier(8)
+
+    def probe() -> None:
+        start.wait()
+        for _ in range(50):
+            problems.append(largest_file_problem(tmp_path, 2 << 30))
+
+    threads = [threading.Thread(target=probe) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set(problems) == {""}
+    assert list(tmp_path.iterdir()) == []

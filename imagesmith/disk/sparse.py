@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 CHUNK = 8 * 1024 * 1024
@@ -94,11 +95,11 @@ def largest_file_problem(directory: Path, size: int) -> str:
     is wrong on tmpfs, so ask the filesystem: make a probe file of that length
     (a hole, nothing is written) and remove it.
     """
-    probe = directory / f".imagesmith-size-probe-{os.getpid()}"
-    try:
-        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:  # a random name: builds under -j N share one PID
+        fd, name = tempfile.mkstemp(prefix=".imagesmith-size-probe-", dir=directory)
     except OSError as e:
         return f"cannot create a file in {directory}: {e.strerror}"
+    probe = Path(name)
     try:
         os.ftruncate(fd, size)
     except OverflowError:

@@ -23,6 +23,7 @@ import hashlib
 import lzma
 import os
 import re
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -124,7 +125,7 @@ def write_cached_names(cached: Path, prefix: str, names: set[str]) -> None:
     cached.parent.mkdir(parents=True, exist_ok=True)
     for stale in cached.parent.glob(f"{prefix}*"):
         stale.unlink()  # an older Release's names
-    partial = cached.with_name(f".{cached.name}.{os.getpid()}")
+    partial = cached.with_name(f".{cached.name}.{os.getpid()}-{threading.get_ident()}")
     partial.write_text("\n".join(sorted(names)) + "\n")
     partial.replace(cached)
 
