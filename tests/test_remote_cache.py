@@ -29,13 +29,14 @@ import pytest
 
 from imagesmith import log
 from imagesmith.build import build_image, plan_image_layout
+from imagesmith.cache import initramfs as initramfs_cache
 from imagesmith.cache import remote as remotecache
 from imagesmith.cache import stages as stagecache
 from imagesmith.cache.remote import RemoteCache, RemoteEntryError, finalize_remote
 from imagesmith.config.space import load_config_space, resolve_image
 from imagesmith.context import BuildContext
 from imagesmith.errors import ConfigError
-from imagesmith.stages.bootstrap import shareable_problems
+from imagesmith.stages.sharing import shareable_problems
 from tests.conftest import EXAMPLES, empty_stage_cache, imagesmith
 from tests.registry import Registry, running_registry
 from tests.test_stage_cache_build import not_cached, tree_listing
@@ -148,6 +149,74 @@ def test_tampered_blob_is_refused(registry: Registry, tmp_path: Path) -> None:
     with pytest.raises(RemoteEntryError, match="digest"):
         remotecache.pull_entry(remote, puller, KEY)
     assert not stagecache.has_entry(puller, KEY)
+
+
+def newc(files: dict[str, bytes]) -> bytes:
+    """A newc cpio archive of `files`, as update-initramfs writes (uncompressed)."""
+    out = b""
+    for ino, (name, data) in enumerate([*files.items(), ("TRAILER!!!", b"")], 1):
+        mode = 0 if name == "TRAILER!!!" else 0o100644
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0]
+        out += b"070701" + b"".join(b"%08X" % f for f in fields) + name.encode() + b"\0"
+        out += b"\0" * (-len(out) % 4) + data
+        out += b"\0" * (-len(out) % 4)
+    return out
+
+
+def initramfs_entry(cache_dir: Path, files: dict[str, bytes], key: str = KEY) -> Path:
+    """A real initramfs cache entry (through its own save) of a tree whose
+    /boot/initrd.img holds copies of the tree's `files`."""
+    tree = cache_dir.parent / f"tree-{key}"
+    for name, data in files.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_bytes(data)
+    (tree / "boot").mkdir(exist_ok=True)
+    (tree / "boot/initrd.img").write_bytes(newc(files))
+    assert initramfs_cache.save_initramfs(cache_dir, key, tree, "boot/initrd.img")
+    return tree
+
+
+def test_an_initramfs_entry_travels_under_its_own_tag(registry: Registry, tmp_path: Path) -> None:
+    remote = RemoteCache(registry.ref("initramfs"), tls_verify=False)
+    tree = initramfs_entry(tmp_path / "a/cache", {"usr/bin/busybox": b"busybox " * 100})
+    remotecache.push_entry(remote, tmp_path / "a/cache", KEY, remotecache.INITRAMFS)
+    listed = imagesmith("cache", "list", "--remote", remote.ref, "--cache-remote-insecure")
+    assert f"{KEY}   initramfs" in listed.stdout, listed.stdout + listed.stderr
+
+    assert not remotecache.pull_entry(remote, tmp_path / "b/cache", KEY), "not a stage entry"
+    puller = tmp_path / "b/cache"
+    assert remotecache.pull_entry(remote, puller, KEY, remotecache.INITRAMFS)
+    (tree / "boot/initrd.img").unlink()
+    assert initramfs_cache.reuse_initramfs(puller, KEY, tree, "boot/initrd.img")
+    assert (tree / "boot/initrd.img").read_bytes() == newc({"usr/bin/busybox": b"busybox " * 100})
+    # The tracked files came along: a changed binary still forces a rebuild.
+    (tree / "usr/bin/busybox").write_bytes(b"another " * 100)
+    assert not initramfs_cache.reuse_initramfs(puller, KEY, tree, "boot/initrd.img")
+
+
+def test_an_initramfs_holding_a_key_or_a_secret_is_not_shareable(tmp_path: Path) -> None:
+    image = resolve_image(load_config_space(EXAMPLES), "server")
+    ctx = BuildContext(
+        image=image,
+        workdir=tmp_path,
+        output_dir=tmp_path,
+        cache_dir=tmp_path / "cache",
+        layout=plan_image_layout(image),
+    )
+    ctx.secrets = [b"vendor-password-123"]
+    pem = b"-----BEGIN PRIVATE KEY-----\n" + b"A" * 64 + b"\n-----END PRIVATE KEY-----\n"
+    files = {
+        "etc/hostname": b"clean\n",
+        "etc/dropbear/key.pem": pem,
+        "etc/netrc": b"vendor-password-123",
+    }
+    initramfs_entry(ctx.cache_dir, files)
+    assert shareable_problems(ctx, KEY, remotecache.INITRAMFS) == [
+        "private-key: initramfs /etc/dropbear/key.pem: holds a PEM private key",
+        "build-secret: initramfs /etc/netrc: holds a secret the build used",
+    ]
+    initramfs_entry(ctx.cache_dir, {"etc/hostname": b"clean\n"}, key="e" * 32)
+    assert shareable_problems(ctx, "e" * 32, remotecache.INITRAMFS) == []
 
 
 def test_credentials_from_the_environment_never_reach_argv(tmp_path: Path) -> None:
@@ -266,7 +335,9 @@ def test_runner_a_builds_and_pushes(runners: dict[str, Runner]) -> None:
     assert a.ran_mmdebstrap
     assert a.manifest["caches"]["stage_cache"]["hit"] is False
     assert a.manifest["caches"]["stage_cache"]["remote"] == "pushed"
-    assert "remote stage cache miss" in a.log and "pushed stage" in a.log
+    assert "remote cache miss: package stage" in a.log and "pushed package stage" in a.log
+    assert a.manifest["caches"]["initramfs_cache"]["remote"] == "pushed"
+    assert "pushed initramfs" in a.log
 
 
 @pytest.mark.build
@@ -282,13 +353,15 @@ def test_runner_b_takes_the_stage_from_the_registry(runners: dict[str, Runner]) 
     assert b.manifest["packages"] == a.manifest["packages"]
     made = {p: v for p, v in a.listings["bootstrap and packages"].items() if not not_cached(p)}
     assert b.listings["bootstrap and packages"] == made
-    # The same files; the same contents but for the initramfs, which each
-    # runner builds with its own update-initramfs (no initramfs cache entry is
-    # shared), and which holds the time it was made.
-    final_a, final_b = a.listings["finalise"], b.listings["finalise"]
-    assert final_b.keys() == final_a.keys()
-    differ = {p for p in final_a if final_a[p] != final_b[p]}
-    assert {p.split("-", 1)[0] for p in differ} <= {"boot/initrd.img"}
+    # The same files with the same contents, the initramfs included: B took
+    # A's from the registry instead of running update-initramfs.
+    assert b.manifest["caches"]["initramfs_cache"] == {
+        "key": a.manifest["caches"]["initramfs_cache"]["key"],
+        "hit": True,
+        "remote": "hit",
+    }
+    assert "remote initramfs cache hit" in b.log and "update-initramfs -c" not in b.log
+    assert b.listings["finalise"] == a.listings["finalise"]
     timings_a, timings_b = a.manifest["timings"], b.manifest["timings"]
     print(
         f"\npackage stage: cold {timings_a['bootstrap and packages']:.1f}s, "
@@ -300,7 +373,7 @@ def test_runner_b_takes_the_stage_from_the_registry(runners: dict[str, Runner]) 
 @pytest.mark.build
 def test_runner_c_refuses_a_tampered_entry_and_rebuilds(runners: dict[str, Runner]) -> None:
     a, c = runners["A"], runners["C"]
-    assert "REFUSED remote stage entry" in c.log and "digest" in c.log
+    assert "REFUSED remote package stage entry" in c.log and "digest" in c.log
     assert c.ran_mmdebstrap
     assert c.manifest["caches"]["stage_cache"] == {
         "key": a.manifest["caches"]["stage_cache"]["key"],
@@ -308,6 +381,8 @@ def test_runner_c_refuses_a_tampered_entry_and_rebuilds(runners: dict[str, Runne
         "remote": "rejected; pushed",
     }
     assert c.manifest["packages"] == a.manifest["packages"]
+    # The same initramfs key: the initramfs A pushed is good, and C takes it.
+    assert c.manifest["caches"]["initramfs_cache"]["remote"] == "hit"
 
 
 @pytest.mark.build

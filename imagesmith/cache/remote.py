@@ -38,13 +38,13 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imagesmith import log
-from imagesmith.cache import entries
+from imagesmith.cache import entries, initramfs
 from imagesmith.cache import stages as stagecache
 from imagesmith.errors import BuildError, ConfigError
 from imagesmith.host.run import run
@@ -57,8 +57,8 @@ ENV_PASSWORD = "IMAGESMITH_CACHE_REMOTE_PASSWORD"
 MODES = ("pull", "pull-push")
 
 ARTIFACT_TYPE = "application/vnd.imagesmith.stage.v1"
-ENTRY_MEDIA_TYPE = "application/vnd.imagesmith.stage.entry.v1+json"
 TREE_MEDIA_TYPE = "application/vnd.imagesmith.stage.tree.v1.tar"
+INITRAMFS_ARTIFACT_TYPE = "application/vnd.imagesmith.initramfs.v1"
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 IMAGE_ANNOTATION = "org.imagesmith.stage.image"
 CREATED_ANNOTATION = "org.opencontainers.image.created"
@@ -77,8 +77,39 @@ class RemoteCache:
     def registry(self) -> str:
         return self.ref.split("/", 1)[0]
 
-    def tagged(self, key: str) -> str:
-        return f"docker://{self.ref}:{key}"
+    def tagged(self, tag: str) -> str:
+        return f"docker://{self.ref}:{tag}"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of shared entry: its tag, its artifact type and its files."""
+
+    name: str  # for messages
+    tag_prefix: str
+    artifact_type: str
+    entry_dir: Callable[[Path, str], Path]  # (cache directory, key) -> the local entry
+    files: tuple[tuple[str, str], ...]  # (file of the entry, its layer's media type)
+    info_file: str = ""  # the entry's JSON description, carried in the config blob
+
+    @property
+    def config_media_type(self) -> str:
+        return f"{self.artifact_type.removesuffix('.v1')}.entry.v1+json"
+
+    def tag(self, key: str) -> str:
+        return f"{self.tag_prefix}{key}"
+
+
+STAGE = Kind(
+    "package stage", "", ARTIFACT_TYPE, stagecache.entry_dir,
+    ((stagecache.TREE_FILE, TREE_MEDIA_TYPE),), stagecache.ENTRY_FILE,
+)  # fmt: skip
+INITRAMFS = Kind(
+    "initramfs", "initramfs-", INITRAMFS_ARTIFACT_TYPE, initramfs.entry_dir,
+    ((initramfs.IMAGE_FILE, "application/vnd.imagesmith.initramfs.image.v1"),
+     (initramfs.TRACKED_FILE, "application/vnd.imagesmith.initramfs.tracked.v1+json")),
+)  # fmt: skip
+KINDS = {kind.artifact_type: kind for kind in (STAGE, INITRAMFS)}
 
 
 def finalize_remote(
@@ -138,10 +169,9 @@ def sha256_file(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def layout_dir(cache_dir: Path, key: str) -> Iterator[Path]:
-    """A scratch OCI layout beside the entries (same filesystem: blobs move by
-    rename or hard link); named so `cache prune` knows a leftover."""
-    parent = stagecache.stages_dir(cache_dir)
+def layout_dir(parent: Path, key: str) -> Iterator[Path]:
+    """A scratch OCI layout beside the entries in `parent` (same filesystem:
+    blobs move by hard link); named so `cache prune` knows a leftover."""
     parent.mkdir(parents=True, exist_ok=True)
     path = parent / f"{entries.TEMP_PREFIX}oci-{key}-{secrets.token_hex(4)}-{os.getpid()}"
     path.mkdir()
@@ -157,34 +187,36 @@ def write_blob(layout: Path, data: bytes) -> dict[str, Any]:
     return {"digest": f"sha256:{digest}", "size": len(data)}
 
 
-def push_entry(remote: RemoteCache, cache_dir: Path, key: str) -> None:
-    """Push the local entry of `key` to the remote, tagged `key`."""
-    entry = stagecache.entry_dir(cache_dir, key)
-    tree = entry / stagecache.TREE_FILE
-    info = json.loads((entry / stagecache.ENTRY_FILE).read_text())
-    tree_digest = sha256_file(tree)
-    info["tree_sha256"] = tree_digest
-    with layout_dir(cache_dir, key) as layout:
+def push_entry(remote: RemoteCache, cache_dir: Path, key: str, kind: Kind = STAGE) -> None:
+    """Push the local entry of `key` to the remote, tagged `kind.tag(key)`."""
+    entry = kind.entry_dir(cache_dir, key)
+    info = json.loads((entry / kind.info_file).read_text()) if kind.info_file else {}
+    files = {name: sha256_file(entry / name) for name, _ in kind.files}
+    info.update(key=key, files=files)
+    if kind is STAGE:
+        info["tree_sha256"] = files[stagecache.TREE_FILE]
+    tag = kind.tag(key)
+    with layout_dir(entry.parent, key) as layout:
         (layout / "blobs/sha256").mkdir(parents=True)
-        os.link(tree, layout / "blobs/sha256" / tree_digest)
+        layers = []
+        for name, media_type in kind.files:
+            if not (layout / "blobs/sha256" / files[name]).exists():  # two files alike
+                os.link(entry / name, layout / "blobs/sha256" / files[name])
+            size = (entry / name).stat().st_size
+            layers.append(
+                {"mediaType": media_type, "digest": f"sha256:{files[name]}", "size": size}
+            )
         config = write_blob(layout, json.dumps(info, indent=2).encode())
+        created = float(info.get("created", time.time()))
         manifest = {
             "schemaVersion": 2,
             "mediaType": MANIFEST_MEDIA_TYPE,
-            "artifactType": ARTIFACT_TYPE,
-            "config": {"mediaType": ENTRY_MEDIA_TYPE, **config},
-            "layers": [
-                {
-                    "mediaType": TREE_MEDIA_TYPE,
-                    "digest": f"sha256:{tree_digest}",
-                    "size": tree.stat().st_size,
-                }
-            ],
+            "artifactType": kind.artifact_type,
+            "config": {"mediaType": kind.config_media_type, **config},
+            "layers": layers,
             "annotations": {
                 IMAGE_ANNOTATION: str(info.get("image", "")),
-                CREATED_ANNOTATION: time.strftime(
-                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(info.get("created", 0)))
-                ),
+                CREATED_ANNOTATION: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
             },
         }
         described = write_blob(layout, json.dumps(manifest).encode())
@@ -194,7 +226,7 @@ def push_entry(remote: RemoteCache, cache_dir: Path, key: str) -> None:
                 {
                     "mediaType": MANIFEST_MEDIA_TYPE,
                     **described,
-                    "annotations": {"org.opencontainers.image.ref.name": key},
+                    "annotations": {"org.opencontainers.image.ref.name": tag},
                 }
             ],
         }
@@ -203,8 +235,8 @@ def push_entry(remote: RemoteCache, cache_dir: Path, key: str) -> None:
         with skopeo_auth(remote, "--dest-authfile") as auth:
             run(
                 ["skopeo", "copy", "--quiet", "--preserve-digests", *tls_flag(remote, "dest"),
-                 *auth, f"oci:{layout}:{key}", remote.tagged(key)],
-                what=f"pushing the package stage to {remote.ref}",
+                 *auth, f"oci:{layout}:{tag}", remote.tagged(tag)],
+                what=f"pushing the {kind.name} to {remote.ref}",
             )  # fmt: skip
 
 
@@ -212,72 +244,83 @@ class RemoteEntryError(BuildError):
     """A remote entry that is there but must not be used (failed a digest check)."""
 
 
-def pull_entry(remote: RemoteCache, cache_dir: Path, key: str) -> bool:
+def pull_entry(remote: RemoteCache, cache_dir: Path, key: str, kind: Kind = STAGE) -> bool:
     """Fetch `key` into the local cache; False when the remote has no such entry.
 
     Raises RemoteEntryError for an entry that fails a check, BuildError when
     the registry cannot be asked at all.
     """
-    with layout_dir(cache_dir, key) as layout:
+    final = kind.entry_dir(cache_dir, key)
+    tag = kind.tag(key)
+    with layout_dir(final.parent, key) as layout:
         target = layout / "pulled"
         with skopeo_auth(remote, "--src-authfile") as auth:
             result = run(
                 ["skopeo", "copy", "--quiet", "--preserve-digests", *tls_flag(remote, "src"),
-                 *auth, remote.tagged(key), f"oci:{target}:{key}"],
-                capture=True, check=False, what=f"pulling the package stage from {remote.ref}",
+                 *auth, remote.tagged(tag), f"oci:{target}:{tag}"],
+                capture=True, check=False, what=f"pulling the {kind.name} from {remote.ref}",
             )  # fmt: skip
         error = result.stderr.decode(errors="replace").strip()
         if result.returncode != 0:
             if "digest" in error.lower():
-                raise RemoteEntryError(f"remote stage entry {key} failed its digest check: {error}")
+                raise RemoteEntryError(
+                    f"remote {kind.name} entry {key} failed its digest check: {error}"
+                )
             if _MISSING.search(error):
                 return False
-            raise BuildError(f"remote stage cache {remote.ref}: {error}")
-        tree_blob, info = check_pulled(target, key)
-        with entries.new_entry(stagecache.entry_dir(cache_dir, key)) as temp:
-            os.rename(tree_blob, temp / stagecache.TREE_FILE)
-            (temp / stagecache.ENTRY_FILE).write_text(json.dumps(info, indent=2) + "\n")
+            raise BuildError(f"remote cache {remote.ref}: {error}")
+        blobs, info = check_pulled(target, key, kind)
+        with entries.new_entry(final, replace=True) as temp:
+            for (name, _), blob in zip(kind.files, blobs, strict=True):
+                os.link(blob, temp / name)
+            if kind.info_file:
+                (temp / kind.info_file).write_text(json.dumps(info, indent=2) + "\n")
             # Checked against the registry's digests above; the local entry
             # carries its own, as every entry does (cache/entries.py).
-            entries.write_digests(temp, [stagecache.TREE_FILE])
+            entries.write_digests(temp, [name for name, _ in kind.files])
     return True
 
 
-def check_pulled(layout: Path, key: str) -> tuple[Path, dict[str, Any]]:
-    """(the tree blob, the entry info) of a pulled entry, every digest checked."""
+def check_pulled(layout: Path, key: str, kind: Kind) -> tuple[list[Path], dict[str, Any]]:
+    """(the layer blobs in `kind.files` order, the entry info) of a pulled
+    entry, every digest checked."""
+    what = f"remote {kind.name} entry {key}"
 
     def blob(descriptor: Mapping[str, Any]) -> tuple[Path, str]:
         algorithm, _, digest = str(descriptor.get("digest", "")).partition(":")
         if algorithm != "sha256" or not re.fullmatch(r"[0-9a-f]{64}", digest):
-            raise RemoteEntryError(f"remote stage entry {key}: unexpected digest {descriptor}")
+            raise RemoteEntryError(f"{what}: unexpected digest {descriptor}")
         path = layout / "blobs/sha256" / digest
         if sha256_file(path) != digest:
-            raise RemoteEntryError(f"remote stage entry {key}: blob {digest} does not match")
+            raise RemoteEntryError(f"{what}: blob {digest} does not match")
         return path, digest
 
     try:
         index = json.loads((layout / "index.json").read_text())
         manifest_path, _ = blob(index["manifests"][0])
         manifest = json.loads(manifest_path.read_bytes())
-        if manifest.get("artifactType") != ARTIFACT_TYPE or len(manifest["layers"]) != 1:
-            raise RemoteEntryError(f"remote stage entry {key} is not an imagesmith stage")
+        layers = manifest["layers"]
+        if manifest.get("artifactType") != kind.artifact_type or len(layers) != len(kind.files):
+            raise RemoteEntryError(f"{what} is not an imagesmith {kind.name} entry")
         config_path, _ = blob(manifest["config"])
         info = json.loads(config_path.read_bytes())
-        tree, tree_digest = blob(manifest["layers"][0])
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-        raise RemoteEntryError(f"remote stage entry {key} is malformed: {e!r}") from e
-    if info.get("key") != key or info.get("tree_sha256") != tree_digest:
+        pulled = [blob(layer) for layer in layers]
+        files = info.get("files", {})
+        described = [files.get(name) for name, _ in kind.files]
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise RemoteEntryError(f"{what} is malformed: {e!r}") from e
+    if info.get("key") != key or described != [digest for _, digest in pulled]:
         raise RemoteEntryError(
-            f"remote stage entry {key} does not describe its tree "
-            f"(key {info.get('key')!r}, tree_sha256 {info.get('tree_sha256')!r})"
+            f"{what} does not describe its files (key {info.get('key')!r}, files {files!r})"
         )
-    log.debug(f"    remote stage entry {key}: tree sha256:{tree_digest} checked")
-    return tree, info
+    log.debug(f"    {what}: {', '.join(f'sha256:{d}' for _, d in pulled)} checked")
+    return [path for path, _ in pulled], info
 
 
 @dataclass(frozen=True)
 class RemoteEntry:
     key: str
+    kind: str
     size: int
     image: str
     created: str
@@ -300,12 +343,14 @@ def list_remote(remote: RemoteCache) -> list[RemoteEntry]:
                 manifest = json.loads(raw.stdout)
             except ValueError:
                 continue
-            if raw.returncode != 0 or manifest.get("artifactType") != ARTIFACT_TYPE:
+            kind = KINDS.get(manifest.get("artifactType", "")) if raw.returncode == 0 else None
+            if kind is None:
                 continue
             notes = manifest.get("annotations", {})
             found.append(
                 RemoteEntry(
-                    tag,
+                    tag.removeprefix(kind.tag_prefix),
+                    kind.name,
                     sum(int(layer.get("size", 0)) for layer in manifest.get("layers", [])),
                     notes.get(IMAGE_ANNOTATION, ""),
                     notes.get(CREATED_ANNOTATION, ""),

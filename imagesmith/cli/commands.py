@@ -193,9 +193,11 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
 
 def format_remote_entries(entries: list[RemoteEntry]) -> str:
-    lines = [f"{'KEY':<34} {'SIZE':>10} {'CREATED':<20} IMAGE"]
+    lines = [f"{'KEY':<34} {'KIND':<14} {'SIZE':>10} {'CREATED':<20} IMAGE"]
     for e in entries:
-        lines.append(f"{e.key:<34} {format_size(e.size):>10} {e.created:<20} {e.image}")
+        lines.append(
+            f"{e.key:<34} {e.kind:<14} {format_size(e.size):>10} {e.created:<20} {e.image}"
+        )
     return "\n".join(lines)
 
 

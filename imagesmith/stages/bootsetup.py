@@ -57,6 +57,7 @@ from imagesmith.host.paths import (
 from imagesmith.host.sandbox import run_in_root
 from imagesmith.host.signing import sign_pe
 from imagesmith.inspect.secureboot import pe_section
+from imagesmith.stages import sharing
 from imagesmith.tree.firstboot import first_boot_cmdline
 from imagesmith.tree.initramfs import build_initramfs
 
@@ -300,4 +301,5 @@ def configure_boot(ctx: BuildContext) -> None:
             install_grub_efi(ctx)
     if "bios" in firmware:
         install_grub_bios(ctx)
-    ctx.initramfs_cache = build_initramfs(ctx.tree, ctx.kernel_version, ctx.cache_dir)
+    remote = sharing.InitramfsSharing(ctx) if ctx.remote_cache else None
+    ctx.initramfs_cache = build_initramfs(ctx.tree, ctx.kernel_version, ctx.cache_dir, remote)

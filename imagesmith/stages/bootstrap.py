@@ -18,7 +18,7 @@ everything that can change it; a build whose key matches restores that tree
 and skips mmdebstrap entirely. With a remote stage cache (cache/remote.py),
 a key the local cache lacks is looked up in the registry first, and a tree
 built here is pushed there, after the hygiene scan's secret checks found
-nothing in it.
+nothing in it (stages/sharing.py).
 """
 
 from __future__ import annotations
@@ -27,15 +27,13 @@ import hashlib
 import re
 import shlex
 import shutil
-import time
 from pathlib import Path
 
 from imagesmith import __version__, log
 from imagesmith.cache import index
-from imagesmith.cache import remote as remotecache
 from imagesmith.cache import stages as stagecache
 from imagesmith.cache.entries import CacheUse
-from imagesmith.cache.remote import RemoteEntryError
+from imagesmith.cache.remote import STAGE
 from imagesmith.config.classes import class_layers
 from imagesmith.config.packages import package_name
 from imagesmith.context import BuildContext
@@ -43,7 +41,7 @@ from imagesmith.errors import BuildError, ConfigError
 from imagesmith.host.aptsources import archive_mirror
 from imagesmith.host.run import run
 from imagesmith.host.sandbox import private_mounts_argv
-from imagesmith.inspect.verify import ScanContext, check_apt_auth, check_file_contents
+from imagesmith.stages import sharing
 from imagesmith.tree import aptsources, initramfs
 from imagesmith.tree.aptsources import BuildSources, prepare_build_sources
 from imagesmith.tree.initramfs import DIVERT_INITRAMFS
@@ -161,7 +159,7 @@ def install_packages(ctx: BuildContext) -> None:
         )
         key = stagecache.stage_key(inputs)
         with stagecache.locked(ctx.cache_dir, key):
-            remote = pull_from_remote(ctx, key)
+            remote = sharing.pull(ctx, key, STAGE)
             if stagecache.restore_tree(ctx.cache_dir, key, ctx.tree):
                 where = "remote stage cache" if remote == "hit" else "stage cache"
                 log.info(f"    {where} hit {key}: mmdebstrap skipped")
@@ -181,71 +179,10 @@ def install_packages(ctx: BuildContext) -> None:
                 raise explain_apt_error(ctx, e) from e
             info = {"image": image.name, "inputs": inputs}
             stagecache.save_tree(ctx.cache_dir, key, ctx.tree, info)
-            remote = push_to_remote(ctx, key, remote)
+            remote = sharing.push(ctx, key, STAGE, remote)
         ctx.stage_cache = CacheUse(key, hit=False, remote=remote)
     finally:
         shutil.rmtree(sources.directory, ignore_errors=True)
-
-
-def pull_from_remote(ctx: BuildContext, key: str) -> str:
-    """Fetch the entry from the remote stage cache into the local one, unless
-    the local one has it; returns what happened, for the manifest."""
-    remote = ctx.remote_cache
-    if remote is None:
-        return ""
-    if stagecache.has_entry(ctx.cache_dir, key):
-        return "not asked"
-    started = time.monotonic()
-    try:
-        found = remotecache.pull_entry(remote, ctx.cache_dir, key)
-    except RemoteEntryError as e:
-        log.info(f"    REFUSED {e.message}; the stage is rebuilt")
-        return "rejected"
-    except BuildError as e:
-        log.info(f"    remote stage cache unreachable, building without it: {e.message}")
-        return "unreachable"
-    if not found:
-        log.info(f"    remote stage cache miss {key} ({remote.ref})")
-        return "missed"
-    log.info(f"    pulled stage {key} from {remote.ref} in {time.monotonic() - started:.1f}s")
-    return "hit"
-
-
-def push_to_remote(ctx: BuildContext, key: str, pulled: str) -> str:
-    """Share a freshly built stage, unless the runner is pull-only or the tree
-    holds something that must not leave this build."""
-    remote = ctx.remote_cache
-    if remote is None or pulled == "unreachable":
-        return pulled
-    if not remote.push:
-        return pulled
-    problems = shareable_problems(ctx, key)
-    if problems:
-        for line in problems:
-            log.info(f"    not shareable: {line}")
-        log.info(f"    REFUSED to push stage {key}: it holds what the build must not share")
-        return f"{pulled}; push refused"
-    started = time.monotonic()
-    try:
-        remotecache.push_entry(remote, ctx.cache_dir, key)
-    except BuildError as e:
-        log.info(f"    pushing stage {key} failed; the build goes on: {e.message}")
-        return f"{pulled}; push failed"
-    log.info(f"    pushed stage {key} to {remote.ref} in {time.monotonic() - started:.1f}s")
-    return "pushed" if pulled == "missed" else f"{pulled}; pushed"
-
-
-def shareable_problems(ctx: BuildContext, key: str) -> list[str]:
-    """The hygiene scan's secret checks on the stage tree and its entry.json:
-    a build secret (a client key, a password) or any other private key or apt
-    credential there would reach every runner that pulls the entry."""
-    scan = ScanContext(secrets=tuple(ctx.secrets))
-    findings = [*check_file_contents(ctx.tree, scan), *check_apt_auth(ctx.tree, scan)]
-    problems = [f.line() for f in findings]
-    info = (stagecache.entry_dir(ctx.cache_dir, key) / stagecache.ENTRY_FILE).read_bytes()
-    if any(secret.strip() and secret.strip() in info for secret in ctx.secrets):
-        problems.append(f"build-secret: {stagecache.ENTRY_FILE}: holds a secret the build used")
-    return problems
 
 
 _UNKNOWN_PACKAGE = re.compile(

@@ -11,6 +11,7 @@ never gets that far: finalise removes the stub.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 from imagesmith import log
 from imagesmith.cache import initramfs as initramfs_cache
@@ -29,6 +30,14 @@ DIVERT_INITRAMFS = (
 )
 
 
+class Sharing(Protocol):
+    """The remote cache's part (stages/sharing.py); each returns what happened."""
+
+    def pull(self, key: str) -> str: ...
+
+    def push(self, key: str, pulled: str) -> str: ...
+
+
 def remove_initramfs_diversion(tree: Path) -> None:
     """Take out the build's update-initramfs stub and its diversion, if still there."""
     stub = read_in_root(tree, UPDATE_INITRAMFS)
@@ -42,9 +51,13 @@ def remove_initramfs_diversion(tree: Path) -> None:
     )
 
 
-def build_initramfs(tree: Path, kernel_version: str, cache_dir: Path) -> CacheUse | None:
+def build_initramfs(
+    tree: Path, kernel_version: str, cache_dir: Path, remote: Sharing | None = None
+) -> CacheUse | None:
     """The real update-initramfs back, then the initramfs built or reused.
-    Returns the initramfs cache entry used, None with the cache disabled."""
+    Returns the initramfs cache entry used, None with the cache disabled.
+    With `remote`, a key the local cache lacks is asked of the remote cache,
+    and an initramfs built here is offered to it."""
     remove_initramfs_diversion(tree)
     target = f"boot/initrd.img-{kernel_version}"
     if initramfs_cache.initramfs_disabled():
@@ -53,9 +66,12 @@ def build_initramfs(tree: Path, kernel_version: str, cache_dir: Path) -> CacheUs
     key = initramfs_cache.initramfs_key(tree, kernel_version)
     # Held to the save: an image with the same key waits, then reuses this one.
     with initramfs_cache.locked(cache_dir, key):
+        pulled = remote.pull(key) if remote else ""
         if initramfs_cache.reuse_initramfs(cache_dir, key, tree, target):
-            log.info(f"    initramfs cache hit {key}: update-initramfs skipped")
-            return CacheUse(key, hit=True)
+            where = "remote initramfs cache" if pulled == "hit" else "initramfs cache"
+            log.info(f"    {where} hit {key}: update-initramfs skipped")
+            return CacheUse(key, hit=True, remote=pulled)
         run_in_root(tree, ["update-initramfs", "-c", "-k", kernel_version], what="update-initramfs")
         initramfs_cache.save_initramfs(cache_dir, key, tree, target)
-    return CacheUse(key, hit=False)
+        pushed = remote.push(key, pulled) if remote else ""
+    return CacheUse(key, hit=False, remote=pushed)
