@@ -10,7 +10,8 @@ IMAGE ?=
 # Debian packages the build and the tests need on the build host.
 HOST_PACKAGES = mmdebstrap util-linux fdisk e2fsprogs btrfs-progs dosfstools mtools \
 	qemu-system-x86 qemu-utils ovmf seabios zstd skopeo umoci python3-venv debian-archive-keyring \
-	openssl gnupg openssh-client fai-doc docker-registry sbsigntool
+	openssl gnupg openssh-client fai-doc docker-registry sbsigntool \
+	softhsm2 libengine-pkcs11-openssl
 
 .PHONY: setup host-packages image test test-trixie lint docs bench clean
 

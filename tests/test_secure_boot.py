@@ -16,13 +16,17 @@ end, and the test, which insists on the refusal, would fail.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from imagesmith.errors import BuildError
+from imagesmith.host.signing import sign_pe, signing_key
 from tests.conftest import EXAMPLES, imagesmith
 
 pytestmark = [pytest.mark.build]
@@ -49,14 +53,20 @@ outputs = ["raw"]
 """
 
 
-def build_one(tmp_path_factory: pytest.TempPathFactory, name: str, table: str) -> Path:
+def build_one(
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    table: str,
+    env: dict[str, str] | None = None,
+) -> Path:
     space = tmp_path_factory.mktemp(f"{name}-space") / "space"
     shutil.copytree(EXAMPLES, space, symlinks=True)
     with (space / "imagesmith.toml").open("a") as f:
         f.write(table)
     out = tmp_path_factory.mktemp(f"{name}-out")
-    result = imagesmith("build", "-C", space, "-o", out, name, timeout=1800)
+    result = imagesmith("-v", "build", "-C", space, "-o", out, name, timeout=1800, env=env)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    (out / "build.log").write_text(result.stderr)
     return out / f"{name}.raw"
 
 
@@ -74,9 +84,45 @@ def own_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return keys
 
 
+TOKEN_PIN = "imagesmith-token-pin-5b1e7c"
+
+
+@dataclass(frozen=True)
+class Token:
+    keys: Path  # db.crt and db.pkcs11, no db.key
+    env: dict[str, str]  # SOFTHSM2_CONF and the PIN, for a build
+
+
 @pytest.fixture(scope="session")
-def own_keys_image(tmp_path_factory: pytest.TempPathFactory, own_keys: Path) -> Path:
-    return build_one(tmp_path_factory, "secureboot-own", OWN_KEYS_IMAGE.format(keys=own_keys))
+def token(tmp_path_factory: pytest.TempPathFactory, own_keys: Path) -> Token:
+    """A SoftHSM token holding the own_keys private key: the key set a build
+    sees has no private key, only the PKCS#11 URI of the key in the token."""
+    base = tmp_path_factory.mktemp("softhsm")
+    (base / "tokens").mkdir()
+    conf = base / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {base / 'tokens'}\nobjectstore.backend = file\n")
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+    softhsm = ["softhsm2-util", "--pin", TOKEN_PIN]
+    subprocess.run([*softhsm, "--init-token", "--free", "--label", "fleet", "--so-pin",
+                    "so-pin-for-the-test"], env=env, check=True, capture_output=True)  # fmt: skip
+    pkcs8 = base / "db.p8"
+    subprocess.run(["openssl", "pkcs8", "-topk8", "-nocrypt", "-in", own_keys / "db.key",
+                    "-out", pkcs8], check=True, capture_output=True)  # fmt: skip
+    subprocess.run([*softhsm, "--import", pkcs8, "--token", "fleet", "--label", "db", "--id",
+                    "01"], env=env, check=True, capture_output=True)  # fmt: skip
+    pkcs8.unlink()
+    keys = base / "keys"
+    keys.mkdir()
+    shutil.copyfile(own_keys / "db.crt", keys / "db.crt")
+    (keys / "db.pkcs11").write_text("pkcs11:token=fleet;object=db;type=private\n")
+    return Token(keys, {"SOFTHSM2_CONF": str(conf), "IMAGESMITH_PKCS11_PIN": TOKEN_PIN})
+
+
+@pytest.fixture(scope="session")
+def own_keys_image(tmp_path_factory: pytest.TempPathFactory, token: Token) -> Path:
+    """Signed through the token: the boot test below proves that path."""
+    table = OWN_KEYS_IMAGE.format(keys=token.keys)
+    return build_one(tmp_path_factory, "secureboot-own", table, env={**os.environ, **token.env})
 
 
 def esp_image(disk: Path) -> str:
@@ -195,12 +241,51 @@ def test_own_key_signs_grub_and_kernel_and_never_ships(
     needles = private_key_lines(own_keys)
     manifest = own_keys_image.with_suffix(".manifest.json").read_bytes()
     assert not any(n in manifest for n in needles)
+    # Nor the token's PIN, which the build had; nor in the build's verbose log.
+    needles.append(TOKEN_PIN.encode())
+    assert TOKEN_PIN not in (own_keys_image.parent / "build.log").read_text()
+    assert "--engine pkcs11" in (own_keys_image.parent / "build.log").read_text()
     with own_keys_image.open("rb") as disk:
         overlap = b""
         while chunk := disk.read(64 * 1024 * 1024):
             window = overlap + chunk
             assert not any(n in window for n in needles)
             overlap = chunk[-128:]
+
+
+def test_a_key_file_and_a_token_sign_alike_and_a_wrong_pin_fails(
+    own_keys_image: Path, own_keys: Path, token: Token, tmp_path: Path
+) -> None:
+    grub = tmp_path / "grubx64.efi"
+    esp = esp_image(own_keys_image)
+    subprocess.run(["mcopy", "-n", "-i", esp, "::/EFI/BOOT/grubx64.efi", grub], check=True)
+    sign_pe(grub, key=signing_key(own_keys))
+    verified = subprocess.run(
+        ["sbverify", "--cert", own_keys / "db.crt", grub], capture_output=True
+    )
+    assert verified.returncode == 0, verified.stderr
+    os.environ.update(token.env)
+    try:
+        sign_pe(grub, key=signing_key(token.keys))
+        os.environ["IMAGESMITH_PKCS11_PIN"] = "not-the-pin"
+        with pytest.raises(BuildError, match="sbsign grubx64.efi") as failed:
+            sign_pe(grub, key=signing_key(token.keys))
+        assert "not-the-pin" not in failed.value.message
+    finally:
+        for name in token.env:
+            os.environ.pop(name, None)
+    verified = subprocess.run(
+        ["sbverify", "--cert", own_keys / "db.crt", grub], capture_output=True
+    )
+    assert verified.returncode == 0, verified.stderr
+    other = tmp_path / "other"
+    assert imagesmith("keys", other, "--name", "another key").returncode == 0
+    assert (
+        subprocess.run(
+            ["sbverify", "--cert", other / "db.crt", grub], capture_output=True
+        ).returncode
+        != 0
+    )
 
 
 @pytest.mark.boot

@@ -200,7 +200,9 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         'For secure_boot = "own": the folder holding db.key and db.crt, made by '
         "`imagesmith keys`; an absolute path outside the config space. The private key "
-        "signs at build time and never enters the image, the manifest or a cache.",
+        "signs at build time and never enters the image, the manifest or a cache. With "
+        "db.pkcs11 (a PKCS#11 URI) instead of db.key, the key stays in its token and the "
+        "PIN comes from $IMAGESMITH_PKCS11_PIN.",
         pattern=r"(/\S*)?",
         pattern_help="an absolute path, or empty",
     ),

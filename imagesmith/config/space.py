@@ -226,7 +226,8 @@ def check_secure_boot(settings: ImageSettings, config_space: Path, *, where: str
             f"{where}: secure_boot_keys {keys} is inside the config space",
             hint="private keys must live outside the config space",
         )
-    for name in ("db.key", "db.crt"):
+    private = "db.pkcs11" if (keys / "db.pkcs11").is_file() else "db.key"
+    for name in (private, "db.crt"):
         if not (keys / name).is_file():
             raise ConfigError(
                 f"{where}: secure_boot_keys: no {keys / name}",

@@ -39,7 +39,10 @@ TAIL_LINES = 25
 _running: set[subprocess.Popen[bytes]] = set()
 _running_lock = threading.Lock()
 # Environment variables that hold secrets: never passed to a child.
-_hidden_env: set[str] = set()
+# Secrets the build reads from its own environment and hands to no command:
+# the token PIN for signing (host/signing.py passes it in a private file) and
+# the remote cache's password (cache/remote.py writes a private auth file).
+_hidden_env: set[str] = {"IMAGESMITH_PKCS11_PIN", "IMAGESMITH_CACHE_REMOTE_PASSWORD"}
 _stopping = False
 # Prefix of every command: the child gets SIGKILL when its parent thread dies.
 DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")

@@ -55,7 +55,7 @@ from imagesmith.host.paths import (
     write_in_root,
 )
 from imagesmith.host.sandbox import run_in_root
-from imagesmith.host.signing import sign_pe
+from imagesmith.host.signing import sign_pe, signing_key
 from imagesmith.inspect.secureboot import pe_section
 from imagesmith.stages import sharing
 from imagesmith.tree.firstboot import first_boot_cmdline
@@ -238,16 +238,17 @@ def install_own_chain(ctx: BuildContext) -> None:
     """shim and MokManager, then the image's own GRUB and kernel signed with our key.
 
     GRUB gets the signed GRUB's SBAT data (same source package), without
-    which shim refuses it. The key stays on the host; its contents join the
-    secrets the hygiene scan must not find in the image.
+    which shim refuses it. The key stays on the host (or in its token); its
+    contents, or the token's PIN, join the secrets the hygiene scan must not
+    find in the image.
     """
-    keys = Path(ctx.image.settings.secure_boot_keys)
+    key = signing_key(Path(ctx.image.settings.secure_boot_keys))
     copy_signed_binaries(ctx, {"BOOTX64.EFI": SHIM, "mmx64.efi": MOK_MANAGER, "": SIGNED_GRUB})
     sbat = pe_section((ctx.tree / SIGNED_GRUB).read_bytes(), ".sbat").rstrip(b"\0").decode()
     install_grub_efi(ctx, name="grubx64.efi", sbat=sbat)
-    sign_pe(ctx.esp_tree / "EFI/BOOT/grubx64.efi", keys=keys)
-    sign_pe(ctx.tree / f"boot/vmlinuz-{ctx.kernel_version}", keys=keys)
-    ctx.secrets.append((keys / "db.key").read_bytes())
+    sign_pe(ctx.esp_tree / "EFI/BOOT/grubx64.efi", key=key)
+    sign_pe(ctx.tree / f"boot/vmlinuz-{ctx.kernel_version}", key=key)
+    ctx.secrets += key.secrets()
 
 
 def copy_signed_binaries(ctx: BuildContext, sources: dict[str, str]) -> None:
