@@ -182,8 +182,10 @@ def test_key_set_is_made_once_and_never_overwritten(tmp_path: Path) -> None:
     assert (keys / "db.key").read_bytes() == before
 
 
-def test_mok_needs_secure_boot_firmware(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["mok", "db"])
+def test_enrolment_needs_secure_boot_firmware(tmp_path: Path, where: str) -> None:
     image = write_manifest(tmp_path, ["uefi"], "own")
-    with pytest.raises(ConfigError, match="--mok needs Secure Boot firmware"):
-        with qemu.vm_scratch(image, in_place=True, firmware="uefi", mok=tmp_path / "db.crt"):
+    enrolments = [qemu.Enrolment(where, tmp_path / "db.crt")]
+    with pytest.raises(ConfigError, match=f"--{where} needs Secure Boot firmware"):
+        with qemu.vm_scratch(image, in_place=True, firmware="uefi", enrolments=enrolments):
             pass

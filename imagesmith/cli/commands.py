@@ -21,7 +21,7 @@ from imagesmith.errors import ConfigError
 from imagesmith.fai.convert import ImportRequest, import_fai_space, split_names
 from imagesmith.host.signing import make_key_set
 from imagesmith.inspect.lint import lint_config_space
-from imagesmith.inspect.qemu import boot_interactive
+from imagesmith.inspect.qemu import Enrolment, boot_interactive
 from imagesmith.inspect.summary import print_summary
 from imagesmith.inspect.verify import verify_image_file
 from imagesmith.inspect.vmtest import test_image, write_report
@@ -119,8 +119,13 @@ def cmd_boot(args: argparse.Namespace) -> int:
         ssh_port=args.ssh_port,
         firmware=args.firmware,
         display=check_display(args.display),
-        mok=args.mok,
+        enrolments=enrolments(args),
     )
+
+
+def enrolments(args: argparse.Namespace) -> list[Enrolment]:
+    """--mok and --db: certificates to trust in the VM's firmware variables."""
+    return [Enrolment(where, cert) for where in ("mok", "db") if (cert := getattr(args, where))]
 
 
 def check_display(display: str | None) -> str:
@@ -141,7 +146,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         console_log=args.console_log,
         firmware=args.firmware,
         screenshot=args.screenshot,
-        mok=args.mok,
+        enrolments=enrolments(args),
     )
     if args.report is not None:
         write_report(result, args.report)

@@ -46,6 +46,12 @@ def add_firmware_arg(parser: argparse.ArgumentParser) -> None:
         help="with uefi-secureboot: enrol CERT (PEM or DER, such as db.crt of `imagesmith "
         "keys`) as a Machine Owner Key in the VM's copy of the firmware variables",
     )  # fmt: skip
+    parser.add_argument(
+        "--db", type=Path, metavar="CERT",
+        help="with uefi-secureboot: add CERT to the firmware's db (beside Microsoft's) in the "
+        "VM's copy of the firmware variables, to boot an image whose own key signs its "
+        "unified kernel image (uki = true)",
+    )  # fmt: skip
 
 
 def add_remote_args(parser: argparse.ArgumentParser) -> None:

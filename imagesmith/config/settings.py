@@ -207,6 +207,17 @@ SETTINGS: tuple[Setting, ...] = (
         pattern_help="an absolute path, or empty",
     ),
     Setting(
+        "uki",
+        "bool",
+        False,
+        "Boot UEFI through a unified kernel image: the kernel, the initramfs and the "
+        "command line in one EFI binary (made by the image's own systemd-ukify), as "
+        "EFI/BOOT/BOOTX64.EFI, with no GRUB on the UEFI path (the built-in class `uki`). "
+        'With secure_boot = "own", the key set signs it and the firmware trusts it '
+        "directly, its certificate in db, with no shim. A BIOS part keeps GRUB.",
+        applies_class="uki",
+    ),
+    Setting(
         "uuid_seed",
         "str",
         "",
@@ -271,6 +282,7 @@ class ImageSettings:
     new_ssh_host_keys: bool
     secure_boot: str
     secure_boot_keys: str
+    uki: bool
     uuid_seed: str
     container_entrypoint: tuple[str, ...]
     container_cmd: tuple[str, ...]

@@ -213,6 +213,18 @@ def check_secure_boot(settings: ImageSettings, config_space: Path, *, where: str
             f"{' and '.join(settings.boot_firmware)} only",
             hint='add the built-in `uefi` class (with `bios` too for a hybrid image), or set secure_boot = "off"',
         )
+    if settings.uki and "uefi" not in settings.boot_firmware:
+        raise ConfigError(
+            f"{where}: uki = true but the image boots under "
+            f"{' and '.join(settings.boot_firmware)} only",
+            hint="add the built-in `uefi` class, or drop uki",
+        )
+    if settings.uki and settings.secure_boot == "distribution":
+        raise ConfigError(
+            f'{where}: uki = true with secure_boot = "distribution"',
+            hint="the distribution signs shim and GRUB, not a UKI: set secure_boot = "
+            '"own" with your key set, or drop uki',
+        )
     if settings.secure_boot != "own":
         return
     keys = Path(settings.secure_boot_keys)

@@ -24,7 +24,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,45 +263,59 @@ class VmFiles:
 SHIM_LOCK_GUID = "605dab50-e046-4300-abb6-3dd810dd8b23"
 
 
-def virt_fw_vars() -> str:
+def virt_fw_vars(flag: str = "mok") -> str:
     """virt-fw-vars (PyPI virt-firmware) on PATH or beside this Python."""
     found = shutil.which("virt-fw-vars") or shutil.which(
         "virt-fw-vars", path=os.path.dirname(sys.executable)
     )
     if found is None:
         raise ConfigError(
-            "--mok needs virt-fw-vars, which is not installed",
+            f"--{flag} needs virt-fw-vars, which is not installed",
             hint="pip install virt-firmware (make setup does), or apt install "
             "python3-virt-firmware on Debian 13",
         )
     return found
 
 
-def enrol_mok(variables: Path, cert: Path) -> None:
-    """Add `cert` to shim's MOK list in the firmware variables file, in place."""
-    if not cert.is_file():
-        raise ConfigError(f"--mok {cert}: no such certificate file")
-    enrolled = variables.with_name("vars-mok.fd")
+# The owner GUID imagesmith gives the certificates it adds to db.
+IMAGESMITH_GUID = "2d6e4a1c-5f0b-4a8e-9c3d-7b1f0e8a6c42"
+ENROL_FLAGS = {"mok": ("--add-mok", SHIM_LOCK_GUID), "db": ("--add-db", IMAGESMITH_GUID)}
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """A certificate to trust in the VM: `mok` (shim's MOK list) or `db` (the firmware's)."""
+
+    where: str
+    cert: Path
+
+
+def enrol(variables: Path, enrolment: Enrolment) -> None:
+    """Add the certificate to the MOK list or to db in the variables file, in place."""
+    flag, owner = ENROL_FLAGS[enrolment.where]
+    if not enrolment.cert.is_file():
+        raise ConfigError(f"--{enrolment.where} {enrolment.cert}: no such certificate file")
+    enrolled = variables.with_name(f"vars-{enrolment.where}.fd")
     run(
         [
-            virt_fw_vars(), "--input", os.fspath(variables), "--output", os.fspath(enrolled),
-            "--add-mok", SHIM_LOCK_GUID, os.fspath(cert),
+            virt_fw_vars(enrolment.where), "--input", os.fspath(variables),
+            "--output", os.fspath(enrolled), flag, owner, os.fspath(enrolment.cert),
         ],
-        capture=True, what="virt-fw-vars --add-mok",
+        capture=True, what=f"virt-fw-vars {flag}",
     )  # fmt: skip
     os.replace(enrolled, variables)
 
 
 @contextlib.contextmanager
 def vm_scratch(
-    image: Path, *, in_place: bool, firmware: str, mok: Path | None = None
+    image: Path, *, in_place: bool, firmware: str, enrolments: Sequence[Enrolment] = ()
 ) -> Iterator[VmFiles]:
     """A scratch dir with a copy of the firmware variables and the disk to boot."""
     if not image.is_file():
         raise ConfigError(f"{image}: no such image file")
-    if mok is not None and firmware != "uefi-secureboot":
+    if enrolments and firmware != "uefi-secureboot":
         raise ConfigError(
-            f"--mok needs Secure Boot firmware, not {firmware}",
+            f"--{enrolments[0].where} needs Secure Boot firmware, not {firmware}",
             hint="add --firmware uefi-secureboot",
         )
     code, variables = (
@@ -323,8 +337,8 @@ def vm_scratch(
         if variables is not None:
             vars_copy = scratch / "vars.fd"
             shutil.copyfile(variables, vars_copy)
-            if mok is not None:
-                enrol_mok(vars_copy, mok)
+            for enrolment in enrolments:
+                enrol(vars_copy, enrolment)
         disk = image.resolve()
         if fmt == "zstd":
             require_tools("zstd")
@@ -351,13 +365,15 @@ def boot_interactive(
     ssh_port: int | None = None,
     firmware: str | None = None,
     display: str = "",
-    mok: Path | None = None,
+    enrolments: Sequence[Enrolment] = (),
 ) -> int:
     require_tools("qemu-system-x86_64", "qemu-img")
     firmware = pick_firmware(image, firmware)
     accel = pick_accel(firmware)
     while True:
-        with vm_scratch(image, in_place=not snapshot, firmware=firmware, mok=mok) as vm:
+        with vm_scratch(
+            image, in_place=not snapshot, firmware=firmware, enrolments=enrolments
+        ) as vm:
             argv = qemu_argv(
                 disk=vm.disk, disk_fmt=vm.disk_fmt, firmware_code=vm.firmware_code,
                 firmware_vars=vm.firmware_vars, accel=accel, memory=memory,

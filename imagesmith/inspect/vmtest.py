@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from imagesmith.inspect.qemu import (
     SEABIOS_KVM_GRACE,
     TCG_CODE_PATCH_RACE,
     VCPUS,
+    Enrolment,
     die_with_parent,
     pick_accel,
     pick_firmware,
@@ -179,7 +181,7 @@ def test_image(
     console_log: Path | None = None,
     firmware: str | None = None,
     screenshot: Path | None = None,
-    mok: Path | None = None,
+    enrolments: Sequence[Enrolment] = (),
 ) -> TestResult:
     """Boot and check; with `screenshot`, the guest gets a display, the
     display manager and its greeter are checked, and a PNG of the screen is
@@ -204,7 +206,7 @@ def test_image(
     accel, vcpus = pick_accel(firmware), VCPUS
     while True:
         # Every attempt boots a fresh overlay and firmware variables.
-        with vm_scratch(image, in_place=in_place, firmware=firmware, mok=mok) as vm:
+        with vm_scratch(image, in_place=in_place, firmware=firmware, enrolments=enrolments) as vm:
             scratch = vm.scratch
             console, report = scratch / "console.log", scratch / "checks.log"
             firmware_log = scratch / "firmware.log" if firmware == "bios" else None

@@ -32,6 +32,12 @@ and grubx64.efi is the image's own GRUB, as below, with the signed GRUB's
 SBAT data; it and the kernel are signed on the host with sbsign and the key
 set in `secure_boot_keys` (host/signing.py), trusted as a MOK.
 
+With `uki = true` (install_uki), the UEFI path is no GRUB at all: once the
+initramfs is there, the image's own `ukify` puts the kernel, the initramfs
+and the same command line into one EFI binary, EFI/BOOT/BOOTX64.EFI, signed
+with the key set under `secure_boot = "own"` and trusted by the firmware's
+db, with no shim.
+
 Both unsigned GRUB images get the prefix `(,gptN)/boot/grub`, N the root partition:
 it names the root partition on whatever disk the firmware booted from. No
 UUID search (filesystem UUIDs may change on first boot), no disk order
@@ -40,11 +46,15 @@ assumption. /boot is a directory of the root filesystem, ext4 or btrfs.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
+from imagesmith import log
 from imagesmith.config.layout import DiskLayout
+from imagesmith.config.settings import format_size
 from imagesmith.context import BuildContext
 from imagesmith.errors import BuildError
 from imagesmith.host.paths import (
@@ -198,6 +208,7 @@ def install_grub_efi(ctx: BuildContext, *, name: str = "BOOTX64.EFI", sbat: str 
 SHIM = "usr/lib/shim/shimx64.efi.signed"
 MOK_MANAGER = "usr/lib/shim/mmx64.efi.signed"
 SIGNED_GRUB = "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
+UKI_BIND = "/run/imagesmith/uki"  # where ukify writes, inside the root
 
 
 def signed_grub_cfg_text(ctx: BuildContext) -> str:
@@ -294,7 +305,9 @@ def configure_boot(ctx: BuildContext) -> None:
     write_in_root(ctx.tree, "boot/grub/grub.cfg", grub_cfg_text(ctx))
     if "uefi" in firmware:
         makedirs_in_root(ctx.tree, "boot/efi")
-        if ctx.image.settings.secure_boot == "distribution":
+        if ctx.image.settings.uki:
+            pass  # made from the initramfs, below
+        elif ctx.image.settings.secure_boot == "distribution":
             install_signed_chain(ctx)
         elif ctx.image.settings.secure_boot == "own":
             install_own_chain(ctx)
@@ -304,3 +317,42 @@ def configure_boot(ctx: BuildContext) -> None:
         install_grub_bios(ctx)
     remote = sharing.InitramfsSharing(ctx) if ctx.remote_cache else None
     ctx.initramfs_cache = build_initramfs(ctx.tree, ctx.kernel_version, ctx.cache_dir, remote)
+    if "uefi" in firmware and ctx.image.settings.uki:
+        install_uki(ctx)
+
+
+def install_uki(ctx: BuildContext) -> None:
+    """The unified kernel image as EFI/BOOT/BOOTX64.EFI, signed with the key
+    set for secure_boot = "own". The image's own ukify makes it in a folder
+    of the workdir bound into the root; only a regular file is taken from
+    there, never followed through a link."""
+    out = ctx.workdir / "uki"
+    out.mkdir()
+    version = ctx.kernel_version
+    run_in_root(
+        ctx.tree,
+        [
+            "ukify", "build", f"--linux=/boot/vmlinuz-{version}",
+            f"--initrd=/boot/initrd.img-{version}", f"--cmdline={kernel_cmdline(ctx)}",
+            f"--uname={version}", f"--output={UKI_BIND}/uki.efi",
+        ],
+        binds=[(out, UKI_BIND)],
+        what="ukify (the unified kernel image)",
+    )  # fmt: skip
+    target = ctx.esp_tree / "EFI/BOOT/BOOTX64.EFI"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(out / "uki.efi", os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise BuildError(f"ukify made no unified kernel image: {e.strerror}") from e
+    with os.fdopen(fd, "rb") as made:
+        if not stat.S_ISREG(os.fstat(made.fileno()).st_mode):
+            raise BuildError("ukify's output is not a regular file")
+        with target.open("wb") as f:
+            shutil.copyfileobj(made, f)
+    shutil.rmtree(out)
+    if ctx.image.settings.secure_boot == "own":
+        key = signing_key(Path(ctx.image.settings.secure_boot_keys))
+        sign_pe(target, key=key)
+        ctx.secrets += key.secrets()
+    log.info(f"    unified kernel image: {format_size(target.stat().st_size)}")
