@@ -53,6 +53,17 @@ outputs = ["raw"]
 """
 
 
+UKI_IMAGE = """
+[images.secureboot-uki]
+description = "The server as a unified kernel image signed with our own key, trusted in db"
+classes = ["base", "uefi", "example"]
+secure_boot = "own"
+secure_boot_keys = "{keys}"
+uki = true
+outputs = ["raw"]
+"""
+
+
 def build_one(
     tmp_path_factory: pytest.TempPathFactory,
     name: str,
@@ -306,3 +317,41 @@ def test_own_key_boots_as_a_mok_and_is_refused_without_it(
     )
     assert result.returncode == 1, result.stdout
     assert re.search(r"refused: .*Verification failed", result.stdout), result.stdout
+
+
+@pytest.fixture(scope="session")
+def uki_image(tmp_path_factory: pytest.TempPathFactory, own_keys: Path) -> Path:
+    """Signed with the key file: the token path is the MOK image's."""
+    return build_one(tmp_path_factory, "secureboot-uki", UKI_IMAGE.format(keys=own_keys))
+
+
+def test_uki_is_the_whole_uefi_path_and_signed_by_our_key(uki_image: Path) -> None:
+    result = imagesmith("verify", uki_image, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    uki = next(line for line in result.stdout.splitlines() if "ESP:/EFI/BOOT/BOOTX64.EFI" in line)
+    assert "(unified kernel image): signed; " in uki
+    assert "CN=imagesmith test key (issued by CN=imagesmith test key)" in uki
+    listing = subprocess.run(
+        ["mdir", "-b", "-i", esp_image(uki_image), "::/EFI/BOOT"], capture_output=True, text=True
+    )
+    assert listing.stdout.split() == ["::/EFI/BOOT/BOOTX64.EFI"], "no shim, no GRUB"
+
+
+@pytest.mark.boot
+def test_uki_boots_with_our_certificate_in_db_and_is_refused_without(
+    uki_image: Path, own_keys: Path, tmp_path: Path
+) -> None:
+    report = tmp_path / "report.json"
+    result = imagesmith(
+        "test", uki_image, "--db", own_keys / "db.crt", "--timeout", str(BOOT_TIMEOUT),
+        "--report", report, timeout=BOOT_TIMEOUT + 120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    checks = {c["name"]: c for c in json.loads(report.read_text())["checks"]}
+    assert "SecureBoot EFI variable: 1" in "\n".join(checks["secure-boot-on"]["output"])
+    # Microsoft's keys alone do not trust our key: the firmware refuses it.
+    result = imagesmith(
+        "test", uki_image, "--timeout", str(BOOT_TIMEOUT), timeout=BOOT_TIMEOUT + 120
+    )
+    assert result.returncode == 1, result.stdout
+    assert re.search(r"refused: .*Access Denied", result.stdout), result.stdout

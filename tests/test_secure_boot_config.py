@@ -189,3 +189,12 @@ def test_enrolment_needs_secure_boot_firmware(tmp_path: Path, where: str) -> Non
     with pytest.raises(ConfigError, match=f"--{where} needs Secure Boot firmware"):
         with qemu.vm_scratch(image, in_place=True, firmware="uefi", enrolments=enrolments):
             pass
+
+
+def test_uki_needs_uefi_and_not_the_distribution_chain(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="uki = true but the image boots under bios only"):
+        resolve(tmp_path, '["base", "bios"]', "uki = true")
+    with pytest.raises(ConfigError, match='uki = true with secure_boot = "distribution"'):
+        resolve(tmp_path, '["base", "uefi"]', 'uki = true\nsecure_boot = "distribution"')
+    image = resolve(tmp_path, '["base", "uefi"]', "uki = true")
+    assert "uki" in image.class_names

@@ -2,7 +2,8 @@
 
 The boot path of a Secure Boot image (stages/bootsetup.py) is
 EFI/BOOT/BOOTX64.EFI (shim) and EFI/BOOT/grubx64.efi on the ESP, and the
-kernel, /boot/vmlinuz-*, in the root. For each, two questions:
+kernel, /boot/vmlinuz-*, in the root; with `uki = true`, BOOTX64.EFI alone,
+a unified kernel image. For each, two questions:
 
 - Does the file still match its signature? The Authenticode SHA-256 of the
   PE file (the whole file but its checksum, the certificate table's
@@ -152,12 +153,24 @@ def inspect_binary(path: Path, shown_as: str) -> BootBinary:
     return BootBinary(shown_as, signed=bool(size), intact=intact, signers=signers)
 
 
+def is_uki(path: Path) -> bool:
+    try:
+        return path.is_file() and bool(pe_section(path.read_bytes(), ".linux"))
+    except (OSError, ValueError, struct.error):
+        return False
+
+
 def boot_path_binaries(esp: Path, tree: Path) -> list[BootBinary]:
-    """The image's Secure Boot path: shim and GRUB on the ESP, every kernel in /boot."""
+    """The image's Secure Boot path: shim and GRUB on the ESP, every kernel in
+    /boot. A unified kernel image as BOOTX64.EFI (it has a .linux section) is
+    the whole UEFI path: its one signature covers the kernel it holds."""
     require_tools("sbverify")
     found = []
     for rel in ESP_BOOT_PATH:
         path = esp / rel
+        if rel == ESP_BOOT_PATH[0] and is_uki(path):
+            found.append(inspect_binary(path, f"ESP:/{rel} (unified kernel image)"))
+            break
         if path.is_file():
             found.append(inspect_binary(path, f"ESP:/{rel}"))
         else:
