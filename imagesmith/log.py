@@ -9,10 +9,12 @@ spinner.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 _verbose = False
 
@@ -102,18 +104,57 @@ class _Spinner(threading.Thread):
 PROGRESS_STEP = 25  # percent between plain progress lines when there is no spinner
 
 
-def progress(status: str, percent: float) -> None:
-    """How far the current stage's long step is ("installing", 62.5). On a
-    terminal the spinner line shows it; elsewhere a plain line is logged
-    when the step changes and at every PROGRESS_STEP percent."""
+def progress(status: str, percent: float, detail: str = "") -> None:
+    """How far the current stage's long step is ("installing", 62.5; a
+    detail such as bytes written). On a terminal the spinner line shows it;
+    elsewhere a plain line is logged when the step changes and at every
+    PROGRESS_STEP percent."""
+    shown = f"{status} {percent:3.0f}%" + (f" ({detail})" if detail else "")
     spinner = getattr(_thread, "spinner", None)
     if spinner is not None:
-        spinner.detail = f"{status} {percent:3.0f}%"
+        spinner.detail = shown
         return
     mark = (status, int(percent // PROGRESS_STEP))
     if getattr(_thread, "progress_mark", None) != mark:
         _thread.progress_mark = mark
-        info(f"    {status} {percent:.0f}%")
+        info(f"    {shown.replace(f'{percent:3.0f}%', f'{percent:.0f}%', 1)}")
+
+
+GROWTH_INTERVAL = 0.5  # seconds between looks at a growing file
+
+
+@contextlib.contextmanager
+def watch_growth(status: str, path: Path, total: int) -> Iterator[None]:
+    """While the block runs, show how many of about `total` bytes the file
+    at `path` holds (its allocated blocks) as the stage's progress: a tool
+    that says nothing while it writes (mkfs, qemu-img) still shows how far it
+    is. The percentage stops at 99 until the block ends: `total` is an
+    estimate."""
+    spinner = getattr(_thread, "spinner", None)
+    line_prefix = getattr(_thread, "prefix", "")
+    stop = threading.Event()
+
+    def watch() -> None:
+        _thread.spinner, _thread.prefix, _thread.progress_mark = spinner, line_prefix, None
+        while not stop.wait(GROWTH_INTERVAL):
+            try:
+                done = os.stat(path).st_blocks * 512
+            except OSError:
+                continue
+            percent = min(99.0, 100.0 * done / total) if total > 0 else 0.0
+            progress(status, percent, f"{_gib(done)} of about {_gib(total)}")
+
+    watcher = threading.Thread(target=watch, daemon=True, name=f"watch {path.name}")
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def _gib(size: int) -> str:
+    return f"{size / 1024**3:.2f} GiB"
 
 
 @contextlib.contextmanager

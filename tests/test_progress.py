@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -39,10 +41,11 @@ def screen(raw: str) -> list[str]:
     return lines + ([line] if line else [])
 
 
-def test_the_spinner_is_erased_before_the_stage_says_done() -> None:
+def on_a_terminal(code: str) -> str:
+    """What `code` writes to a pseudo-terminal, raw."""
     parent, child = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-c", STAGE], stdin=child, stdout=child, stderr=child, cwd=REPO,
+        [sys.executable, "-c", code], stdin=child, stdout=child, stderr=child, cwd=REPO,
     )  # fmt: skip
     os.close(child)
     out = b""
@@ -56,7 +59,11 @@ def test_the_spinner_is_erased_before_the_stage_says_done() -> None:
         out += chunk
     proc.wait()
     os.close(parent)
-    raw = out.decode()
+    return out.decode()
+
+
+def test_the_spinner_is_erased_before_the_stage_says_done() -> None:
+    raw = on_a_terminal(STAGE)
     assert "|" in raw or "/" in raw, "no spinner was drawn"
     shown = screen(raw.replace("\r\n", "\n"))
     done = [line for line in shown if "bootstrap and packages: done" in line]
@@ -109,3 +116,36 @@ def test_without_a_terminal_progress_is_a_few_plain_lines(capsys: object) -> Non
         "    installing 75%",
         "    installing 100%",
     ]
+
+
+GROWING = """
+import sys, tempfile, time
+from pathlib import Path
+from imagesmith import log
+path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp()) / "disk"
+with log.stage("assemble disk"), log.watch_growth("mkfs.ext4", path, 8 << 20):
+    with path.open("wb") as f:
+        for _ in range(8):
+            f.write(b"x" * (1 << 20)); f.flush(); time.sleep(0.3)
+path.unlink()
+"""
+
+
+def test_a_silent_tool_shows_the_bytes_it_has_written_on_a_terminal() -> None:
+    raw = on_a_terminal(GROWING)
+    shown = screen(raw.replace("\r\n", "\n"))
+    assert "mkfs.ext4" in raw and "GiB of about 0.01 GiB" in raw, raw
+    percents = [int(p) for p in re.findall(r"mkfs\.ext4\s+(\d+)%", raw)]
+    assert percents and percents == sorted(percents) and max(percents) <= 99, percents
+    assert len(set(percents)) > 1, "the percentage never moved"
+    assert not any("mkfs.ext4" in line for line in shown), "erased before done"
+
+
+def test_a_silent_tool_without_a_terminal_logs_a_few_lines(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", GROWING, str(tmp_path / "disk")],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if "mkfs.ext4" in line]
+    assert 2 <= len(lines) <= 4, result.stderr
+    assert all(re.search(r"mkfs\.ext4 \d+% \(0\.\d\d GiB of about 0\.01 GiB\)$", x) for x in lines)

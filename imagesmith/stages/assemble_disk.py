@@ -16,9 +16,12 @@ No loop devices, no partition device nodes, no device-mapper, no mounts.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from imagesmith import log
+from imagesmith.cache.stages import TREE_FILE
+from imagesmith.cache.stages import entry_dir as stage_entry_dir
 from imagesmith.config.layout import disk_size_for, resized
 from imagesmith.config.settings import AUTO_HEADROOM, AUTO_SIZE, format_size
 from imagesmith.context import BuildContext
@@ -64,20 +67,33 @@ def too_small(ctx: BuildContext, need: int) -> ConfigError:
     )
 
 
+def content_estimate(ctx: BuildContext) -> int:
+    """About how many bytes the root filesystem will hold, for progress: the
+    package stage's tar when the cache has it (free to ask), else a walk."""
+    if ctx.stage_cache is not None:
+        tar = stage_entry_dir(ctx.cache_dir, ctx.stage_cache.key) / TREE_FILE
+        with contextlib.suppress(OSError):
+            return tar.stat().st_size
+    return tree_size(ctx.tree)
+
+
 def make_btrfs_root(ctx: BuildContext, image: Path) -> None:
     """The btrfs root in `image`, before the disk is written. With size =
     "auto", as small as its content, and the disk sized to it plus headroom:
     mkfs.btrfs knows what btrfs needs (many small files cost it much more
     than ext4), no estimate does."""
+    with log.watch_growth("mkfs.btrfs", image, content_estimate(ctx)):
+        if ctx.image.settings.size == AUTO_SIZE:
+            made = make_btrfs_image(image, ctx.layout.root, ctx.tree, size=None)
+        else:
+            check_tree_fits(ctx)
+            made = make_btrfs_image(image, ctx.layout.root, ctx.tree, size=ctx.layout.root.size)
     if ctx.image.settings.size == AUTO_SIZE:
-        made = make_btrfs_image(image, ctx.layout.root, ctx.tree, size=None)
         ctx.layout = resized(ctx.layout, disk_size_for(ctx.layout, made + AUTO_HEADROOM))
         log.info(
             f"    size auto: a {format_size(made)} btrfs, a {format_size(ctx.layout.size)} disk"
         )
         return
-    check_tree_fits(ctx)
-    made = make_btrfs_image(image, ctx.layout.root, ctx.tree, size=ctx.layout.root.size)
     if made > ctx.layout.root.size:
         raise too_small(ctx, made)
 
@@ -102,6 +118,7 @@ def assemble_disk(ctx: BuildContext) -> None:
         if layout.root.filesystem == "btrfs":
             place_image(btrfs, ctx.disk, layout.root)
         else:
-            make_ext4(ctx.disk, layout.root, ctx.tree)
+            with log.watch_growth("mkfs.ext4", ctx.disk, content_estimate(ctx)):
+                make_ext4(ctx.disk, layout.root, ctx.tree)
     finally:
         btrfs.unlink(missing_ok=True)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagesmith import __version__
+from imagesmith import __version__, log
 from imagesmith.cache.keys import hygiene_key
 from imagesmith.config.settings import redacted
 from imagesmith.config.space import ResolvedImage
@@ -89,6 +89,11 @@ def write_raw(ctx: BuildContext, target: Path) -> None:
 
 
 def write_qcow2(ctx: BuildContext, target: Path) -> None:
+    with log.watch_growth("qcow2", target, os.stat(ctx.disk).st_blocks * 512):
+        convert_qcow2(ctx, target)
+
+
+def convert_qcow2(ctx: BuildContext, target: Path) -> None:
     run(
         ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", os.fspath(ctx.disk), os.fspath(target)],
         what="qemu-img convert",
