@@ -128,6 +128,8 @@ with log.stage("assemble disk"), log.watch_growth("mkfs.ext4", path, 8 << 20):
         for _ in range(8):
             f.write(b"x" * (1 << 20)); f.flush(); time.sleep(0.3)
 path.unlink()
+if len(sys.argv) == 1:
+    path.parent.rmdir()
 """
 
 
