@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 from imagesmith.config.space import load_config_space, resolve_image  # noqa: E402
 from imagesmith.host.aptsources import archive_mirror  # noqa: E402
 from imagesmith.inspect.qemu import pick_accel, pick_firmware, qemu_argv, vm_scratch  # noqa: E402
+from imagesmith.stages.bootstrap import recommends_hook  # noqa: E402
 
 MEASUREMENTS = (
     "cold", "warm", "one-file", "on-disk", "add-package", "all", "boot", "greeter", "peak", "pair",
@@ -112,15 +113,21 @@ class Bench:
             shutil.rmtree(cache / folder, ignore_errors=True)
 
     def mmdebstrap_alone(self) -> float:
-        """Plain mmdebstrap with the image's packages, no cache, into RAM like imagesmith."""
+        """Plain mmdebstrap with the image's packages, no cache, into RAM like imagesmith
+        (no initramfs diversion, no .deb cache, no stage cache)."""
         image = self.resolved
         mirror = archive_mirror(image.settings.mirror)
         s = image.settings
         mirror_line = f"deb {mirror} {s.suite} {' '.join(s.components)}"
         target = Path(tempfile.mkdtemp(prefix="bench-mmdebstrap-", dir="/dev/shm"))
+        plain = [p for p in image.packages if p not in image.recommends]
+        # Classes with recommends = true: a second apt run with Recommends, as the build does.
+        second = (
+            [f"--customize-hook={recommends_hook(image.recommends)}"] if image.recommends else []
+        )
         argv = ["mmdebstrap", "--mode=root", "--variant=apt", "--format=directory",
-                f"--architectures={image.settings.architecture}",
-                f"--include={','.join(image.packages)}", image.settings.suite,
+                f"--architectures={image.settings.architecture}", *second,
+                f"--include={','.join(plain)}", image.settings.suite,
                 str(target / "root"), mirror_line]  # fmt: skip
         try:
             return timed(lambda: sh(["unshare", "--mount", "--propagation", "private", *argv]))
