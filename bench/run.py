@@ -495,7 +495,7 @@ def main() -> int:
             pushed, pulled = bench.remote_hit()
             rows += [
                 ("cold build that pushes to a remote stage cache", pushed, "", None),
-                ("empty local cache, remote stage cache hit", pulled,
+                ("empty local cache, remote cache hit (package stage and initramfs)", pulled,
                  f"≤ 0.3 × cold = {0.3 * median(pushed):.1f}", lambda m: m <= 0.3 * median(pushed)),
             ]  # fmt: skip
         timings = manifest.get("timings", {})
