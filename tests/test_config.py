@@ -446,3 +446,13 @@ def test_overrides_are_checked_like_settings(tmp_path: Path, overrides: dict[str
     except ConfigError:
         return
     assert image.settings.size == 4 * GiB
+
+
+def test_verbose_is_taken_before_and_after_the_verb() -> None:
+    from imagesmith.cli.parser import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["-v", "build"]).verbose is True
+    assert parser.parse_args(["build", "-v"]).verbose is True
+    assert parser.parse_args(["verify", "disk.raw", "--verbose"]).verbose is True
+    assert parser.parse_args(["build"]).verbose is False

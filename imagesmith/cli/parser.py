@@ -378,4 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_lint_verb(verbs)
     add_cache_verb(verbs)
     add_fai_verb(verbs)
+    for verb in verbs.choices.values():  # `imagesmith build -v` too, as people type it
+        verb.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+            help="show every command and its output",
+        )  # fmt: skip
     return parser
