@@ -254,7 +254,7 @@ class Bench:
             if result.returncode != 0:
                 sys.exit(f"bench: no greeter:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
             times.append(
-                round(float(re.findall(r"in ([0-9.]+)s", result.stdout + result.stderr)[-1]), 2)
+                round(float(re.findall(r"\((\d+(?:\.\d+)?)s, ", result.stdout)[-1]), 2)
             )
             if self.args.screenshot:
                 shutil.copyfile(shot, self.args.screenshot)
