@@ -253,9 +253,7 @@ class Bench:
                 log.write(f"$ {' '.join(argv)}\n{result.stderr}\n")
             if result.returncode != 0:
                 sys.exit(f"bench: no greeter:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
-            times.append(
-                round(float(re.findall(r"\((\d+(?:\.\d+)?)s, ", result.stdout)[-1]), 2)
-            )
+            times.append(round(float(re.findall(r"\((\d+(?:\.\d+)?)s, ", result.stdout)[-1]), 2))
             if self.args.screenshot:
                 shutil.copyfile(shot, self.args.screenshot)
         return times
