@@ -109,15 +109,15 @@ def progress(status: str, percent: float, detail: str = "") -> None:
     detail such as bytes written). On a terminal the spinner line shows it;
     elsewhere a plain line is logged when the step changes and at every
     PROGRESS_STEP percent."""
-    shown = f"{status} {percent:3.0f}%" + (f" ({detail})" if detail else "")
+    tail = f" ({detail})" if detail else ""
     spinner = getattr(_thread, "spinner", None)
     if spinner is not None:
-        spinner.detail = shown
+        spinner.detail = f"{status} {percent:3.0f}%{tail}"
         return
     mark = (status, int(percent // PROGRESS_STEP))
     if getattr(_thread, "progress_mark", None) != mark:
         _thread.progress_mark = mark
-        info(f"    {shown.replace(f'{percent:3.0f}%', f'{percent:.0f}%', 1)}")
+        info(f"    {status} {percent:.0f}%{tail}")
 
 
 GROWTH_INTERVAL = 0.5  # seconds between looks at a growing file

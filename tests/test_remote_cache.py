@@ -194,15 +194,20 @@ def test_an_initramfs_entry_travels_under_its_own_tag(registry: Registry, tmp_pa
     assert not initramfs_cache.reuse_initramfs(puller, KEY, tree, "boot/initrd.img")
 
 
-def test_an_initramfs_holding_a_key_or_a_secret_is_not_shareable(tmp_path: Path) -> None:
+def server_context(tmp_path: Path) -> BuildContext:
+    """A build context of the example server, everything under tmp_path."""
     image = resolve_image(load_config_space(EXAMPLES), "server")
-    ctx = BuildContext(
+    return BuildContext(
         image=image,
         workdir=tmp_path,
         output_dir=tmp_path,
         cache_dir=tmp_path / "cache",
         layout=plan_image_layout(image),
     )
+
+
+def test_an_initramfs_holding_a_key_or_a_secret_is_not_shareable(tmp_path: Path) -> None:
+    ctx = server_context(tmp_path)
     ctx.secrets = [b"vendor-password-123"]
     pem = b"-----BEGIN PRIVATE KEY-----\n" + b"A" * 64 + b"\n-----END PRIVATE KEY-----\n"
     files = {
@@ -244,14 +249,7 @@ def test_credentials_from_the_environment_never_reach_argv(tmp_path: Path) -> No
 
 
 def test_a_tree_holding_a_build_secret_is_not_shareable(tmp_path: Path) -> None:
-    image = resolve_image(load_config_space(EXAMPLES), "server")
-    ctx = BuildContext(
-        image=image,
-        workdir=tmp_path,
-        output_dir=tmp_path,
-        cache_dir=tmp_path / "cache",
-        layout=plan_image_layout(image),
-    )
+    ctx = server_context(tmp_path)
     secret = b"-----BEGIN PRIVATE KEY-----\nMIIclientkey\n-----END PRIVATE KEY-----\n"
     ctx.secrets = [secret]
     (ctx.tree / "etc/apt").mkdir(parents=True)

@@ -111,14 +111,21 @@ def write_digests(entry: Path, names: list[str]) -> None:
     (entry / DIGEST_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
 
+def recorded_digests(entry: Path) -> dict[str, tuple[int, str]]:
+    """{file: (size, SHA-256)} as written when the entry was saved; raises
+    OSError, ValueError, TypeError, KeyError or AttributeError for a
+    digest.json that is missing or unreadable."""
+    record = json.loads((entry / DIGEST_FILE).read_text())
+    return {str(name): (int(d["size"]), str(d["sha256"])) for name, d in record.items()}
+
+
 def digest_problem(entry: Path, known: Mapping[str, str] | None = None) -> str:
     """What is wrong with the entry's content, or "" when every file matches its digest.
 
     `known` gives SHA-256s already computed (a file hashed while it was
     being read for use); `known={}` checks the sizes only."""
     try:
-        record = json.loads((entry / DIGEST_FILE).read_text())
-        files = {str(name): (int(d["size"]), str(d["sha256"])) for name, d in record.items()}
+        files = recorded_digests(entry)
     except FileNotFoundError:
         return f"no {DIGEST_FILE} (an entry from an older imagesmith, or a half-copied one)"
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:

@@ -160,12 +160,7 @@ def tls_flag(remote: RemoteCache, direction: str = "") -> list[str]:
     return [] if remote.tls_verify else [f"{name}=false"]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256_file = entries.file_sha256
 
 
 @contextlib.contextmanager
@@ -191,7 +186,11 @@ def push_entry(remote: RemoteCache, cache_dir: Path, key: str, kind: Kind = STAG
     """Push the local entry of `key` to the remote, tagged `kind.tag(key)`."""
     entry = kind.entry_dir(cache_dir, key)
     info = json.loads((entry / kind.info_file).read_text()) if kind.info_file else {}
-    files = {name: sha256_file(entry / name) for name, _ in kind.files}
+    try:  # the SHA-256s the save recorded: a 4 GB tree is not read again to push it
+        recorded = entries.recorded_digests(entry)
+        files = {name: recorded[name][1] for name, _ in kind.files}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise BuildError(f"{entry}: no usable {entries.DIGEST_FILE} ({e!r})") from e
     info.update(key=key, files=files)
     if kind is STAGE:
         info["tree_sha256"] = files[stagecache.TREE_FILE]

@@ -46,10 +46,8 @@ assumption. /boot is a directory of the root filesystem, ext4 or btrfs.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import stat
 from pathlib import Path
 
 from imagesmith import log
@@ -253,12 +251,20 @@ def install_own_chain(ctx: BuildContext) -> None:
     contents, or the token's PIN, join the secrets the hygiene scan must not
     find in the image.
     """
-    key = signing_key(Path(ctx.image.settings.secure_boot_keys))
     copy_signed_binaries(ctx, {"BOOTX64.EFI": SHIM, "mmx64.efi": MOK_MANAGER, "": SIGNED_GRUB})
     sbat = pe_section((ctx.tree / SIGNED_GRUB).read_bytes(), ".sbat").rstrip(b"\0").decode()
     install_grub_efi(ctx, name="grubx64.efi", sbat=sbat)
-    sign_pe(ctx.esp_tree / "EFI/BOOT/grubx64.efi", key=key)
-    sign_pe(ctx.tree / f"boot/vmlinuz-{ctx.kernel_version}", key=key)
+    sign_with_own_key(
+        ctx, ctx.esp_tree / "EFI/BOOT/grubx64.efi", ctx.tree / f"boot/vmlinuz-{ctx.kernel_version}"
+    )
+
+
+def sign_with_own_key(ctx: BuildContext, *paths: Path) -> None:
+    """Sign each file with the key set of `secure_boot_keys`; what must never
+    reach the image (the key, or the token's PIN) joins the build's secrets."""
+    key = signing_key(Path(ctx.image.settings.secure_boot_keys))
+    for path in paths:
+        sign_pe(path, key=key)
     ctx.secrets += key.secrets()
 
 
@@ -339,20 +345,13 @@ def install_uki(ctx: BuildContext) -> None:
         binds=[(out, UKI_BIND)],
         what="ukify (the unified kernel image)",
     )  # fmt: skip
+    made = read_in_root(out, "uki.efi")  # a regular file, never a link out of `out`
+    shutil.rmtree(out)
+    if made is None:
+        raise BuildError("ukify made no unified kernel image (no regular file uki.efi)")
     target = ctx.esp_tree / "EFI/BOOT/BOOTX64.EFI"
     target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(out / "uki.efi", os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as e:
-        raise BuildError(f"ukify made no unified kernel image: {e.strerror}") from e
-    with os.fdopen(fd, "rb") as made:
-        if not stat.S_ISREG(os.fstat(made.fileno()).st_mode):
-            raise BuildError("ukify's output is not a regular file")
-        with target.open("wb") as f:
-            shutil.copyfileobj(made, f)
-    shutil.rmtree(out)
+    target.write_bytes(made)
     if ctx.image.settings.secure_boot == "own":
-        key = signing_key(Path(ctx.image.settings.secure_boot_keys))
-        sign_pe(target, key=key)
-        ctx.secrets += key.secrets()
+        sign_with_own_key(ctx, target)
     log.info(f"    unified kernel image: {format_size(target.stat().st_size)}")
