@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import os
 import re
@@ -28,7 +29,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from imagesmith.config.settings import format_size
 from imagesmith.config.space import ResolvedImage
 from imagesmith.context import BuildContext
 from imagesmith.disk.sparse import largest_file_problem
-from imagesmith.errors import ConfigError, ImagesmithError
+from imagesmith.errors import BuildError, ConfigError, ImagesmithError
 from imagesmith.formats import OUTPUT_TEMP_RE, output_path
 from imagesmith.host.aptsources import archive_mirror
 from imagesmith.host.leftovers import remove_dead_owners
@@ -155,6 +156,43 @@ def check_class_scripts(image: ResolvedImage) -> None:
                 )
 
 
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def running_stage(name: str, ctx: BuildContext) -> Iterator[None]:
+    """Run one stage under its log line; a full disk becomes an error that
+    says where the room ran out, not a traceback."""
+    try:
+        with log.stage(name, ctx.timings):
+            yield
+    except OSError as e:
+        if e.errno not in OUT_OF_SPACE:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        raise out_of_space(ctx, f"{name}: no space left on the device{where}") from e
+    except BuildError as e:  # a command that ran out of room says so in its output
+        if "No space left on device" not in e.message:
+            raise
+        raise out_of_space(ctx, e.message) from e
+
+
+def out_of_space(ctx: BuildContext, message: str) -> BuildError:
+    """`message`, with the free space of every place a build writes to."""
+    places = {"output": ctx.output_dir, "scratch": ctx.workdir.parent, "cache": ctx.cache_dir}
+    free = []
+    for what, place in places.items():
+        try:
+            free.append(f"{what} {place}: {format_size(shutil.disk_usage(place).free)} free")
+        except OSError:
+            continue
+    return BuildError(
+        f"{message}\n  ({'; '.join(free)})",
+        hint="free some room: `imagesmith cache prune --max-size SIZE` trims the caches, "
+        "-o builds elsewhere, IMAGESMITH_WORKDIR moves the scratch directory",
+    )
+
+
 def plan_image_layout(image: ResolvedImage, *, uuid_seed: str = "") -> DiskLayout:
     """The image's partitions. UUIDs are random for every build unless a seed
     is given: `uuid_seed` (the command line's) wins over the uuid_seed setting."""
@@ -218,7 +256,7 @@ def build_image(
             for name, stage, targets in STAGES:
                 if image.target not in targets:
                     continue
-                with log.stage(name, ctx.timings):
+                with running_stage(name, ctx):
                     stage(ctx)
                 if after_stage:
                     after_stage(name, ctx)
@@ -231,7 +269,7 @@ def build_image(
             )
             remover.start()
             cleanup.callback(remover.join)
-            with log.stage("outputs", ctx.timings):
+            with running_stage("outputs", ctx):
                 write_outputs(ctx, staged)
                 manifest = staged.add(output_dir, image.name, "manifest")
                 write_manifest(ctx, manifest, dict(ctx.outputs))

@@ -217,3 +217,36 @@ def test_ctrl_c_during_packages_leaves_nothing(
     assert (out / "server.raw").read_bytes() == b"an earlier good image"
     # Nor a stage entry a later build could take for complete.
     assert not [p for p in (cache / "stages").glob("*") if not p.name.startswith(".")]
+
+
+@pytest.mark.build
+@pytest.mark.parametrize("name", ["server", "server-btrfs"])
+def test_a_full_output_disk_is_a_clear_error_and_leaves_the_old_image(
+    built_examples: Path, tmp_path: Path, name: str
+) -> None:
+    """A disk that fills up mid-build says so with the free space of each
+    place and a hint, never as an internal error, whether a command (mkfs.ext4
+    writing into the disk) or imagesmith itself (placing the btrfs made in
+    scratch) hits it. No half-written output stays; the earlier image survives."""
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "imagesmith-full", out], check=True)
+    try:
+        old = out / f"{name}.raw"
+        old.write_bytes(b"an earlier good image")
+        work = tmp_path / "work"
+        result = imagesmith(
+            "build", "-C", REPO / "examples", "-o", out, name, env=isolated_env(work)
+        )
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert "internal error" not in result.stderr
+        assert re.search(r"(?i)no space left on (the )?device", result.stderr)
+        assert re.search(rf"\(output {out}: [\d.]+\w+ free; scratch ", result.stderr), (
+            result.stderr[-2000:]
+        )
+        assert "hint: free some room" in result.stderr
+        assert old.read_bytes() == b"an earlier good image"
+        assert [p.name for p in out.iterdir()] == [old.name]
+        assert leftovers(work) == []
+    finally:
+        subprocess.run(["umount", out], check=True)
