@@ -52,6 +52,7 @@ from imagesmith.stages.assemble_disk import assemble_disk
 from imagesmith.stages.bootsetup import configure_boot
 from imagesmith.stages.bootstrap import install_packages
 from imagesmith.stages.customize import customize_tree
+from imagesmith.stages.filesystem_base import prepare_filesystem_base
 from imagesmith.stages.finalize import finalize_tree
 from imagesmith.stages.outputs import staged_outputs, write_manifest, write_outputs
 from imagesmith.tree.aptsources import BUILD_DIR_PARENT, BUILD_DIR_RE
@@ -62,6 +63,7 @@ ALL = ("disk", "container")
 # (name, stage, the targets it runs for)
 STAGES: tuple[tuple[str, Stage, tuple[str, ...]], ...] = (
     ("bootstrap and packages", install_packages, ALL),
+    ("filesystem base", prepare_filesystem_base, ("disk",)),
     ("customise", customize_tree, ALL),
     ("boot setup", configure_boot, ("disk",)),
     ("finalise", finalize_tree, ALL),

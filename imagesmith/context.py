@@ -6,6 +6,7 @@ the comment says which.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,12 +37,19 @@ class BuildContext:
     # bootstrap, boot setup -> manifest
     stage_cache: CacheUse | None = None
     initramfs_cache: CacheUse | None = None
+    # filesystem base -> assemble: the cached btrfs of the package stage's tree,
+    # the ctime mark after which the tree differs from it, and its copy being
+    # made meanwhile (its size when done)
+    filesystem_base: Path | None = None
+    tree_mark: int = 0
+    base_copy: Future[int] | None = None
     # boot setup -> manifest
     kernel_version: str = ""
     # finalise -> manifest
     packages: list[dict[str, str]] = field(default_factory=list)
     # outputs -> manifest
     outputs: dict[str, Path] = field(default_factory=dict)  # format -> temp file
+    # assemble (the raw disk, hashed as the root was placed), outputs -> manifest
     output_sha256: dict[str, str] = field(default_factory=dict)  # format -> digest
     oci_manifest_digest: str = ""
 

@@ -6,6 +6,7 @@ The cache directory (`build.default_cache_dir()`) holds:
 | --- | --- | --- |
 | `stages/KEY/` | package-stage trees (cache/stages.py) | the package-stage key matches |
 | `initramfs/KEY/` | built initramfs images (cache/initramfs.py) | nothing they hold changed |
+| `filesystems/KEY/` | the package stage's tree as a btrfs (cache/filesystems.py) | its stage entry is restored |
 | `debs/SUITE-ARCH/` | downloaded .debs | always; apt picks what it needs |
 
 `prune` removes stage and initramfs entries not used for longer than
@@ -26,12 +27,13 @@ from pathlib import Path
 
 from imagesmith.cache import entries
 from imagesmith.cache.entries import TEMP_PREFIX
+from imagesmith.cache.filesystems import FILESYSTEMS_DIR
 from imagesmith.cache.initramfs import INITRAMFS_DIR
 from imagesmith.cache.stages import STAGES_DIR
 from imagesmith.config.settings import format_size
 from imagesmith.errors import ConfigError
 
-KINDS = {STAGES_DIR: "stage", INITRAMFS_DIR: "initramfs"}
+KINDS = {STAGES_DIR: "stage", INITRAMFS_DIR: "initramfs", FILESYSTEMS_DIR: "filesystem"}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "": 86400}
 

@@ -60,28 +60,45 @@ def sha256_file(path: Path) -> str:
     three times the hashing itself."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
-        fd = f.fileno()
-        size = os.fstat(fd).st_size
-        position = 0
-        while position < size:
-            try:
-                data = os.lseek(fd, position, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole from here to the end
-                data = size
-            while position < data:
-                n = min(HASH_CHUNK, data - position)
-                digest.update(ZEROS[:n])
-                position += n
-            if position >= size:
-                break
-            hole = os.lseek(fd, position, os.SEEK_HOLE)
-            while position < hole:
-                chunk = os.pread(fd, min(HASH_CHUNK, hole - position), position)
-                if not chunk:
-                    raise OSError(f"{path}: short read at offset {position}")
-                digest.update(chunk)
-                position += len(chunk)
+        hash_range(digest, f.fileno(), 0, os.fstat(f.fileno()).st_size)
     return digest.hexdigest()
+
+
+def sha256_with_placed(disk: Path, offset: int, image: Path) -> str:
+    """The SHA-256 `disk` will have once `image` is copied into it at
+    `offset` (disk/filesystems.py's place_image), computed from the two files
+    as they are: it can run while the copy does, instead of reading the
+    whole disk again afterwards."""
+    digest = hashlib.sha256()
+    with disk.open("rb") as d, image.open("rb") as i:
+        size, length = os.fstat(d.fileno()).st_size, os.fstat(i.fileno()).st_size
+        hash_range(digest, d.fileno(), 0, offset)
+        hash_range(digest, i.fileno(), 0, length)
+        hash_range(digest, d.fileno(), offset + length, size)
+    return digest.hexdigest()
+
+
+def hash_range(digest: hashlib._Hash, fd: int, start: int, end: int) -> None:
+    """Feed bytes [start, end) of the open file to `digest`, holes from memory."""
+    position = start
+    while position < end:
+        try:
+            data = min(os.lseek(fd, position, os.SEEK_DATA), end)
+        except OSError:  # ENXIO: only a hole from here to the end
+            data = end
+        while position < data:
+            n = min(HASH_CHUNK, data - position)
+            digest.update(ZEROS[:n])
+            position += n
+        if position >= end:
+            break
+        hole = min(os.lseek(fd, position, os.SEEK_HOLE), end)
+        while position < hole:
+            chunk = os.pread(fd, min(HASH_CHUNK, hole - position), position)
+            if not chunk:
+                raise OSError(f"short read at offset {position}")
+            digest.update(chunk)
+            position += len(chunk)
 
 
 def largest_file_problem(directory: Path, size: int) -> str:

@@ -16,12 +16,9 @@ No loop devices, no partition device nodes, no device-mapper, no mounts.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from imagesmith import log
-from imagesmith.cache.stages import TREE_FILE
-from imagesmith.cache.stages import entry_dir as stage_entry_dir
 from imagesmith.config.layout import disk_size_for, resized
 from imagesmith.config.settings import AUTO_HEADROOM, AUTO_SIZE, format_size
 from imagesmith.context import BuildContext
@@ -34,7 +31,10 @@ from imagesmith.disk.filesystems import (
     tree_size,
 )
 from imagesmith.disk.gpt import write_partition_table
+from imagesmith.disk.sparse import sha256_with_placed
 from imagesmith.errors import ConfigError
+from imagesmith.host.background import in_background
+from imagesmith.stages.filesystem_base import BTRFS_FILE, btrfs_from_base, content_estimate
 
 # ext4/btrfs metadata and slack on top of the files themselves.
 FS_OVERHEAD = 1.15
@@ -67,27 +67,19 @@ def too_small(ctx: BuildContext, need: int) -> ConfigError:
     )
 
 
-def content_estimate(ctx: BuildContext) -> int:
-    """About how many bytes the root filesystem will hold, for progress: the
-    package stage's tar when the cache has it (free to ask), else a walk."""
-    if ctx.stage_cache is not None:
-        tar = stage_entry_dir(ctx.cache_dir, ctx.stage_cache.key) / TREE_FILE
-        with contextlib.suppress(OSError):
-            return tar.stat().st_size
-    return tree_size(ctx.tree)
-
-
 def make_btrfs_root(ctx: BuildContext, image: Path) -> None:
     """The btrfs root in `image`, before the disk is written. With size =
     "auto", as small as its content, and the disk sized to it plus headroom:
     mkfs.btrfs knows what btrfs needs (many small files cost it much more
-    than ext4), no estimate does."""
-    with log.watch_growth("mkfs.btrfs", image, content_estimate(ctx)):
-        if ctx.image.settings.size == AUTO_SIZE:
-            made = make_btrfs_image(image, ctx.layout.root, ctx.tree, size=None)
-        else:
-            check_tree_fits(ctx)
-            made = make_btrfs_image(image, ctx.layout.root, ctx.tree, size=ctx.layout.root.size)
+    than ext4), no estimate does. From the filesystem cache when it can."""
+    made = btrfs_from_base(ctx, image)
+    if made is None:
+        with log.watch_growth("mkfs.btrfs", image, content_estimate(ctx)):
+            if ctx.image.settings.size == AUTO_SIZE:
+                made = make_btrfs_image(image, ctx.layout.root, ctx.tree, size=None)
+            else:
+                check_tree_fits(ctx)
+                made = make_btrfs_image(image, ctx.layout.root, ctx.tree, size=ctx.layout.root.size)
     if ctx.image.settings.size == AUTO_SIZE:
         ctx.layout = resized(ctx.layout, disk_size_for(ctx.layout, made + AUTO_HEADROOM))
         log.info(
@@ -98,10 +90,21 @@ def make_btrfs_root(ctx: BuildContext, image: Path) -> None:
         raise too_small(ctx, made)
 
 
+def place_btrfs(ctx: BuildContext, btrfs: Path) -> None:
+    """The btrfs into its partition. When the disk is the raw output, its
+    SHA-256 is computed on the other core meanwhile, from the pieces."""
+    if ctx.disk_file is None:
+        place_image(btrfs, ctx.disk, ctx.layout.root)
+        return
+    digest = in_background(sha256_with_placed, ctx.disk, ctx.layout.root.start, btrfs)
+    place_image(btrfs, ctx.disk, ctx.layout.root)
+    ctx.output_sha256["raw"] = digest.result()
+
+
 def assemble_disk(ctx: BuildContext) -> None:
     if ctx.image.target != "disk":
         return
-    btrfs = ctx.workdir / "root.btrfs"
+    btrfs = ctx.workdir / BTRFS_FILE
     try:
         if ctx.layout.root.filesystem == "btrfs":
             make_btrfs_root(ctx, btrfs)
@@ -116,7 +119,7 @@ def assemble_disk(ctx: BuildContext) -> None:
                 ctx.disk, bios_boot, ctx.bios_dir / "boot.img", ctx.bios_dir / "core.img"
             )
         if layout.root.filesystem == "btrfs":
-            place_image(btrfs, ctx.disk, layout.root)
+            place_btrfs(ctx, btrfs)
         else:
             with log.watch_growth("mkfs.ext4", ctx.disk, content_estimate(ctx)):
                 make_ext4(ctx.disk, layout.root, ctx.tree)

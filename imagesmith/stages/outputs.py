@@ -133,13 +133,13 @@ def write_outputs(ctx: BuildContext, staged: StagedOutputs) -> None:
     with ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="sha256") as hasher:
         for fmt in ctx.image.settings.outputs:
             temp = staged.files.get(fmt) or staged.add(ctx.output_dir, ctx.image.name, fmt)
-            if fmt == "raw":
+            if fmt == "raw" and fmt not in ctx.output_sha256:  # else hashed as it was placed
                 hashes[fmt] = hasher.submit(sha256_file, ctx.disk)
             WRITERS[fmt](ctx, temp)
             if fmt != "raw":
                 hashes[fmt] = hasher.submit(sha256_file, temp)
             ctx.outputs[fmt] = temp
-        ctx.output_sha256 = {fmt: future.result() for fmt, future in hashes.items()}
+        ctx.output_sha256.update({fmt: future.result() for fmt, future in hashes.items()})
 
 
 def redacted_settings(image: ResolvedImage) -> dict[str, Any]:

@@ -1,0 +1,93 @@
+"""The filesystem cache: the package stage's tree as a ready btrfs.
+
+Making a btrfs of a desktop's 4 GB tree costs a minute, and a one-file change
+made it again. An entry here is that filesystem for one package-stage entry,
+made once from the tree exactly as the stage cache restores it, before any
+class touched it:
+
+- `root.img`: the filesystem, as small as its content (`mkfs.btrfs --shrink`);
+- `paths`: every path of that tree, NUL-separated, for finding what a build
+  removed;
+- `digest.json` (cache/entries.py), checked while the image is copied out.
+
+The key is the package stage's key, the label, and the mkfs.btrfs that made
+it: a new btrfs-progs makes a new entry. disk/incremental.py applies a
+build's changes to a copy of the entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from imagesmith.cache import entries
+from imagesmith.host.run import run
+
+FILESYSTEMS_DIR = "filesystems"
+IMAGE_FILE = "root.img"
+PATHS_FILE = "paths"
+ENTRY_FILE = "entry.json"
+# Bump when what an entry holds, or how it is made, changes.
+FORMAT = 1
+
+
+def mkfs_version() -> str:
+    out = run(["mkfs.btrfs", "--version"], capture=True, what="mkfs.btrfs --version").stdout
+    return out.decode(errors="replace").strip()
+
+
+def filesystem_key(stage_key: str, *, label: str, tool: str) -> str:
+    inputs = {
+        "stage": stage_key,
+        "filesystem": "btrfs",
+        "label": label,
+        "mkfs": tool,
+        "format": FORMAT,
+    }
+    canonical = json.dumps(inputs, sort_keys=True).encode()
+    return hashlib.sha256(canonical).hexdigest()[:32]
+
+
+def kind_dir(cache_dir: Path) -> Path:
+    return cache_dir / FILESYSTEMS_DIR
+
+
+def entry_dir(cache_dir: Path, key: str) -> Path:
+    return kind_dir(cache_dir) / key
+
+
+def locked(cache_dir: Path, key: str) -> contextlib.AbstractContextManager[None]:
+    return entries.locked(kind_dir(cache_dir), key)
+
+
+def usable_entry(cache_dir: Path, key: str) -> Path | None:
+    """The entry when it is there and its files have their recorded sizes
+    (the SHA-256 is checked while the image is copied out)."""
+    entry = entry_dir(cache_dir, key)
+    if not entry.is_dir():
+        return None
+    if problem := entries.digest_problem(entry, known={}):
+        entries.discard(entry, problem)
+        return None
+    os.utime(entry)  # last used, for pruning
+    return entry
+
+
+@contextlib.contextmanager
+def new_filesystem(cache_dir: Path, key: str, info: dict[str, object]) -> Iterator[Path]:
+    """Yield the temporary entry to make `root.img` and `paths` in; stored
+    with its digests when the block succeeds."""
+    with entries.new_entry(entry_dir(cache_dir, key)) as temp:
+        yield temp
+        entries.write_digests(temp, [IMAGE_FILE, PATHS_FILE])
+        record = {"key": key, "created": time.time(), **info}
+        (temp / ENTRY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def recorded_paths(entry: Path) -> set[bytes]:
+    return set(filter(None, (entry / PATHS_FILE).read_bytes().split(b"\0")))

@@ -1,0 +1,152 @@
+"""Apply a list of changes from one tree to a filesystem image, chrooted into
+the image so that no path can lead out of it.
+
+Runs in a mount namespace of its own (made by `unshare`): it mounts the image
+with a loop device, grows the filesystem to the file, then a forked child
+chroots into the mount and, with the source tree open as a directory, removes
+what is gone and copies what changed: files, directories, symlinks, device
+nodes, fifos, hard links, owners, modes, extended attributes (capabilities,
+ACLs) and times. Symlinks in the image, even absolute ones, resolve inside
+it, as the class scripts' writes do. The parent unmounts when the child is
+done; were it killed, the namespace goes with it and nothing stays mounted.
+
+Only this project's code runs with the image as root: no tool of the image.
+
+Usage: python -m imagesmith.host.copyin IMAGE MOUNTPOINT TREE CHANGED REMOVED
+CHANGED and REMOVED are files of NUL-separated paths relative to the tree.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def remove(path: bytes) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def copy_xattrs(source: int, target: int) -> None:
+    """Extended attributes from one open file to another, stale ones removed."""
+    wanted = {name: os.getxattr(source, name) for name in os.listxattr(source)}
+    for name in os.listxattr(target):
+        if name not in wanted:
+            os.removexattr(target, name)
+    for name, value in wanted.items():
+        os.setxattr(target, name, value)
+
+
+def copy_content(source: int, target: int, size: int) -> None:
+    offset = 0
+    while offset < size:  # sendfile: copy_file_range refuses two filesystems
+        sent = os.sendfile(target, source, offset, size - offset)
+        if sent == 0:
+            break
+        offset += sent
+
+
+def copy_one(tree: int, path: bytes, links: dict[tuple[int, int], bytes]) -> None:
+    st = os.stat(path, dir_fd=tree, follow_symlinks=False)
+    mode = st.st_mode
+    try:
+        here = os.lstat(path)
+    except FileNotFoundError:
+        here = None
+    if here is not None and not (stat.S_ISDIR(mode) and stat.S_ISDIR(here.st_mode)):
+        remove(path)
+        here = None
+    if stat.S_ISREG(mode) and st.st_nlink > 1 and (st.st_dev, st.st_ino) in links:
+        os.link(links[(st.st_dev, st.st_ino)], path, follow_symlinks=False)
+        return
+    if stat.S_ISLNK(mode):
+        os.symlink(os.readlink(path, dir_fd=tree), path)
+        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # devices, fifos, sockets
+        os.mknod(path, mode, st.st_rdev)
+        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        return
+    if stat.S_ISDIR(mode):
+        if here is None:
+            os.mkdir(path, 0o700)
+        flags = os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW
+        source, target = os.open(path, flags, dir_fd=tree), os.open(path, flags)
+    else:
+        source = os.open(path, os.O_RDONLY | NOFOLLOW, dir_fd=tree)
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600)
+        copy_content(source, target, st.st_size)
+        if st.st_nlink > 1:
+            links[(st.st_dev, st.st_ino)] = path
+    try:
+        os.fchown(target, st.st_uid, st.st_gid)  # before the mode: chown clears set-id bits
+        os.fchmod(target, stat.S_IMODE(mode))
+        copy_xattrs(source, target)  # after chown, which drops capabilities
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    finally:
+        os.close(source)
+        os.close(target)
+
+
+def apply(tree: int, changed: list[bytes], removed: list[bytes]) -> None:
+    """Inside the chroot: children are removed before their parents, parents
+    made before their children, and directory times set last (making their
+    entries changed them)."""
+    for path in sorted(removed, reverse=True):
+        remove(path)
+    links: dict[tuple[int, int], bytes] = {}
+    for path in sorted(changed):
+        copy_one(tree, path, links)
+    for path in sorted(changed, reverse=True):
+        st = os.stat(path, dir_fd=tree, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def read_list(path: str) -> list[bytes]:
+    with open(path, "rb") as f:
+        return [p for p in f.read().split(b"\0") if p]
+
+
+def main(image: str, mountpoint: str, tree_path: str, changed: str, removed: str) -> int:
+    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+    subprocess.run(["mount", "-o", "loop", image, mountpoint], check=True)
+    subprocess.run(["btrfs", "filesystem", "resize", "max", mountpoint], check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+    paths = read_list(changed), read_list(removed)
+    tree = os.open(tree_path, os.O_RDONLY | os.O_DIRECTORY)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.chroot(mountpoint)
+            os.chdir("/")
+            apply(tree, *paths)
+            code = 0
+        except BaseException as e:
+            print(f"copying into the image: {e}", file=sys.stderr)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    subprocess.run(["umount", mountpoint], check=True)
+    return os.waitstatus_to_exitcode(status)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 6:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(*sys.argv[1:]))

@@ -1,0 +1,141 @@
+"""Stage: keep the package stage's tree as a cached btrfs, for assembly to
+change instead of making the whole filesystem again (disk/incremental.py).
+
+Needs: `ctx.tree` exactly as the stage cache restored it.
+Produces: `ctx.filesystem_base` (the cache entry) and `ctx.tree_mark`.
+
+Runs for btrfs disk images whose package stage came from the stage cache: a
+tree mmdebstrap just made is kept in the cache as the tar it restores from,
+not byte for byte as it stands, so the cached btrfs is made from a restored
+tree only. The first such build makes the entry (as long as a whole
+filesystem takes); the ones after copy it. `IMAGESMITH_FILESYSTEM_CACHE=0`
+turns this off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import os
+import uuid
+from pathlib import Path
+
+from imagesmith import log
+from imagesmith.cache import entries
+from imagesmith.cache import filesystems as fscache
+from imagesmith.cache.stages import TREE_FILE
+from imagesmith.cache.stages import entry_dir as stage_entry_dir
+from imagesmith.config.settings import AUTO_SIZE, format_size
+from imagesmith.context import BuildContext
+from imagesmith.disk import incremental
+from imagesmith.disk.filesystems import make_btrfs_image, tree_size
+from imagesmith.disk.sparse import copy_sparse
+from imagesmith.errors import BuildError
+from imagesmith.host.background import in_background
+
+SWITCH = "IMAGESMITH_FILESYSTEM_CACHE"
+BTRFS_FILE = "root.btrfs"  # in the workdir: the root btrfs before it is placed
+
+
+def prepare_filesystem_base(ctx: BuildContext) -> None:
+    if (
+        ctx.image.target != "disk"
+        or ctx.layout.root.filesystem != "btrfs"
+        or ctx.stage_cache is None
+        or not ctx.stage_cache.hit
+        or os.environ.get(SWITCH) == "0"
+    ):
+        return
+    label = ctx.layout.root.label
+    key = fscache.filesystem_key(ctx.stage_cache.key, label=label, tool=fscache.mkfs_version())
+    with fscache.locked(ctx.cache_dir, key):
+        entry = fscache.usable_entry(ctx.cache_dir, key)
+        if entry is not None:
+            log.info(f"    filesystem cache hit {key}")
+        else:
+            log.info(f"    filesystem cache miss {key}: making the package stage's btrfs once")
+            entry = make_base(ctx, key)
+    if entry is None:
+        return
+    ctx.filesystem_base = entry
+    ctx.tree_mark = incremental.mark(ctx.workdir)
+    # Copied and given the build's UUID while the classes do their work.
+    ctx.base_copy = in_background(
+        copy_base, entry, ctx.workdir / BTRFS_FILE, ctx.layout.root.fs_uuid
+    )
+
+
+def make_base(ctx: BuildContext, key: str) -> Path | None:
+    part = dataclasses.replace(ctx.layout.root, fs_uuid=str(uuid.uuid4()))
+    final = fscache.entry_dir(ctx.cache_dir, key)
+    try:
+        with fscache.new_filesystem(ctx.cache_dir, key, {"uuid": part.fs_uuid}) as temp:
+            image = temp / fscache.IMAGE_FILE
+            with log.watch_growth("mkfs.btrfs", image, content_estimate(ctx)):
+                make_btrfs_image(image, part, ctx.tree, size=None)
+            paths = incremental.tree_state(ctx.tree)
+            (temp / fscache.PATHS_FILE).write_bytes(b"\0".join(sorted(paths)))
+    except (BuildError, OSError) as e:
+        reason = e.message.splitlines()[0] if isinstance(e, BuildError) else str(e)
+        entries.warn_not_saved("the package stage's btrfs", final, reason)
+        return None
+    return final
+
+
+def content_estimate(ctx: BuildContext) -> int:
+    """About how many bytes the root filesystem will hold, for progress: the
+    package stage's tar when the cache has it (free to ask), else a walk."""
+    if ctx.stage_cache is not None:
+        tar = stage_entry_dir(ctx.cache_dir, ctx.stage_cache.key) / TREE_FILE
+        with contextlib.suppress(OSError):
+            return tar.stat().st_size
+    return tree_size(ctx.tree)
+
+
+def btrfs_from_base(ctx: BuildContext, image: Path) -> int | None:
+    """The root btrfs in `image`, made from the cached one and the build's
+    changes; its size. None when there is no cached one, or it could not be
+    used (said in a warning): the caller then makes the whole filesystem."""
+    entry = ctx.filesystem_base
+    if entry is None or ctx.base_copy is None:
+        return None
+    try:
+        base = ctx.base_copy.result()
+        found = incremental.changes(ctx.tree, ctx.tree_mark, fscache.recorded_paths(entry))
+        if ctx.image.settings.size == AUTO_SIZE:
+            size = base + int(found.changed_bytes * incremental.CHANGE_OVERHEAD) + incremental.SLACK
+        elif base > ctx.layout.root.size:
+            raise BuildError(f"the cached btrfs alone ({format_size(base)}) does not fit")
+        else:
+            size = ctx.layout.root.size
+        incremental.apply_changes(image, ctx.tree, found, size=size)
+    except (BuildError, OSError) as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        reason = e.message.splitlines()[0] if isinstance(e, BuildError) else str(e)
+        log.warn(f"the cached btrfs could not be used ({reason}); making the whole filesystem")
+        image.unlink(missing_ok=True)
+        return None
+    log.info(
+        f"    btrfs from the filesystem cache: {len(found.changed)} paths changed "
+        f"({format_size(found.changed_bytes)}), {len(found.removed)} removed"
+    )
+    return size
+
+
+def copy_base(entry: Path, image: Path, uuid: str) -> int:
+    """Copy the entry's filesystem to `image`, hashing it on the way (a
+    second reader on another core), and give it `uuid`; its size. A
+    mismatch discards the entry."""
+    source = entry / fscache.IMAGE_FILE
+    size = source.stat().st_size
+    digest = in_background(entries.file_sha256, source)
+    image.touch()
+    copy_sparse(source, image, offset=0)
+    os.truncate(image, size)
+    if problem := entries.digest_problem(entry, {fscache.IMAGE_FILE: digest.result()}):
+        entries.discard(entry, problem)
+        raise BuildError(f"cache entry {entry}: {problem}")
+    incremental.set_uuid(image, uuid)
+    return size

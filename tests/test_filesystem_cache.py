@@ -1,0 +1,207 @@
+"""The filesystem cache: a btrfs root made from the package stage's cached
+btrfs plus the build's changes is the filesystem a whole mkfs makes.
+
+- host/copyin.py, on a real btrfs: every kind of change (content, modes,
+  owners, xattrs, hard links, fifos, a directory turned symlink and back,
+  removals) arrives, and a symlink in the image that points at a host path
+  leads nowhere outside the image;
+- a real build: the example's btrfs server from the cache and made whole,
+  same seed, hold the same files, and the UUID is this build's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imagesmith.disk import incremental
+from tests.conftest import EXAMPLES, imagesmith
+
+# Prints {path: description} of a mounted root, for comparing two filesystems.
+DESCRIBE = r"""
+import hashlib, json, os, stat, sys
+root = sys.argv[1]
+out = {}
+links = {}
+for dirpath, dirnames, filenames in os.walk(root):
+    for name in sorted(dirnames + filenames):
+        path = os.path.join(dirpath, name)
+        rel = os.path.relpath(path, root)
+        st = os.lstat(path)
+        what = [stat.filemode(st.st_mode), st.st_uid, st.st_gid]
+        if stat.S_ISREG(st.st_mode):
+            with open(path, "rb") as f:
+                what.append(hashlib.sha256(f.read()).hexdigest())
+            if st.st_nlink > 1:
+                what.append("linked with " + links.setdefault(st.st_ino, rel))
+        elif stat.S_ISLNK(st.st_mode):
+            what.append(os.readlink(path))
+        if sys.argv[2] == "times" and not stat.S_ISDIR(st.st_mode):
+            what.append(st.st_mtime_ns // 10**9)  # mkfs.btrfs 6.2 --rootdir keeps seconds
+        if not stat.S_ISLNK(st.st_mode):
+            what += sorted(f"{n}={os.getxattr(path, n).hex()}" for n in os.listxattr(path))
+        out[rel] = what
+print(json.dumps(out))
+"""
+
+
+def describe(image: Path, *, offset: int = 0, times: bool = False) -> dict[str, list[object]]:
+    """What the btrfs in `image` (at `offset`) holds, mounted read-only in a
+    mount namespace of its own."""
+    script = (
+        f'set -e; d=$(mktemp -d); mount -o loop,ro,offset={offset} "$1" "$d"; '
+        f'"$2" -c "$3" "$d" {"times" if times else "no-times"}; umount "$d"; rmdir "$d"'
+    )
+    result = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
+         image, sys.executable, DESCRIBE],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(result.stdout)
+
+
+def make_tree(root: Path) -> None:
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/kept").write_text("unchanged\n")
+    (root / "etc/edited").write_text("before\n")
+    (root / "etc/gone").write_text("removed later\n")
+    (root / "var/lib/old").mkdir(parents=True)
+    (root / "var/lib/old/child").write_text("in a directory that goes\n")
+    (root / "opt").mkdir()
+    (root / "opt/escape").symlink_to("/nonexistent")
+    (root / "srv").mkdir()
+    (root / "srv/was-dir").mkdir()
+    (root / "srv/was-dir/file").write_text("x\n")
+
+
+def change_tree(root: Path, victim: Path) -> None:
+    """What a customise stage might do, hostile parts included."""
+    (root / "etc/edited").write_text("after, and longer than before\n")
+    (root / "etc/edited").chmod(0o4755)
+    os.chown(root / "etc/edited", 1234, 5678)
+    (root / "etc/gone").unlink()
+    (root / "var/lib/old/child").unlink()
+    (root / "var/lib/old").rmdir()
+    (root / "etc/new").write_bytes(os.urandom(100_000))
+    os.setxattr(root / "etc/new", "user.imagesmith", b"kept")
+    os.link(root / "etc/new", root / "etc/new-link")
+    os.mkfifo(root / "etc/fifo")
+    # The image's symlink to the host becomes a directory, and a directory
+    # becomes a symlink to a host path with a file "in" it on the old side.
+    (root / "opt/escape").unlink()
+    (root / "opt/escape").mkdir()
+    (root / "opt/escape/inside").write_text("in the image\n")
+    (root / "srv/was-dir/file").unlink()
+    (root / "srv/was-dir").rmdir()
+    (root / "srv/was-dir").symlink_to(victim)
+
+
+@pytest.mark.build
+def test_copyin_applies_every_kind_of_change_and_never_leaves_the_image(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    make_tree(tree)
+    image = tmp_path / "root.img"
+    image.write_bytes(b"")
+    subprocess.run(
+        ["mkfs.btrfs", "-q", "--rootdir", tree, "--shrink", image], check=True, capture_output=True
+    )
+    paths = set(incremental.tree_state(tree))
+    since = incremental.mark(tmp_path)
+    victim = tmp_path / "host-victim"
+    victim.mkdir()
+    (victim / "precious").write_text("host data\n")
+    change_tree(tree, victim)
+
+    found = incremental.changes(tree, since, paths)
+    assert b"etc/kept" not in found.changed
+    assert {b"etc/gone", b"var/lib/old", b"var/lib/old/child", b"srv/was-dir/file"} == set(
+        found.removed
+    )
+    uuid = "0badc0de-0000-4000-8000-000000000001"
+    incremental.set_uuid(image, uuid)
+    incremental.apply_changes(image, tree, found, size=256 * 1024**2)
+
+    expected = describe_tree(tree)
+    assert describe(image, times=True) == expected
+    assert sorted(p.name for p in victim.iterdir()) == ["precious"]
+    blkid = subprocess.run(
+        ["blkid", "-p", "-o", "value", "-s", "UUID", image], capture_output=True, text=True
+    )
+    assert blkid.stdout.strip() == uuid
+    assert image.stat().st_size == 256 * 1024**2
+    assert str(tmp_path) not in Path("/proc/self/mounts").read_text()
+
+
+def describe_tree(tree: Path) -> dict[str, list[object]]:
+    """The same description of a plain directory."""
+    result = subprocess.run(
+        [sys.executable, "-c", DESCRIBE, tree, "times"], capture_output=True, text=True, check=True
+    )
+    return json.loads(result.stdout)
+
+
+@pytest.mark.build
+def test_btrfs_from_the_filesystem_cache_matches_a_whole_mkfs(
+    built_examples: Path, tmp_path: Path
+) -> None:
+    outputs = {}
+    for name, switch in (("cached", "1"), ("whole", "0")):
+        out = tmp_path / name
+        result = imagesmith(
+            "build", "-C", EXAMPLES, "-o", out, "--uuid-seed", "same", "server-btrfs",
+            env={**os.environ, "IMAGESMITH_FILESYSTEM_CACHE": switch},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        from_cache = re.search(
+            r"btrfs from the filesystem cache: (\d+) paths changed", result.stderr
+        )
+        assert bool(from_cache) == (switch == "1"), result.stderr[-3000:]
+        outputs[name] = out / "server-btrfs.raw"
+    manifest = json.loads((tmp_path / "cached/server-btrfs.manifest.json").read_text())
+    root = manifest["disk"]["partitions"][-1]
+    cached = describe(outputs["cached"], offset=root["start"])
+    whole = describe(outputs["whole"], offset=root["start"])
+    assert len(cached) > 10_000
+    different = {
+        path for path in cached.keys() | whole.keys() if cached.get(path) != whole.get(path)
+    }
+    assert not different, sorted(different)[:20]
+    blkid = subprocess.run(
+        ["blkid", "-p", "-O", str(root["start"]), "-o", "value", "-s", "UUID", outputs["cached"]],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert blkid.stdout.strip() == root["fs_uuid"]
+
+
+@pytest.mark.build
+def test_a_damaged_filesystem_entry_is_discarded_and_the_build_goes_on(
+    built_examples: Path, tmp_path: Path
+) -> None:
+    first = imagesmith("build", "-C", EXAMPLES, "-o", tmp_path / "a", "server-btrfs")
+    assert first.returncode == 0, first.stderr[-3000:]
+    key = re.search(r"filesystem cache (?:hit|miss) (\w+)", first.stderr)
+    assert key, first.stderr[-3000:]
+    image = Path("/var/cache/imagesmith/filesystems") / key.group(1) / "root.img"
+    with image.open("r+b") as f:  # same size, other bytes: only the SHA-256 can tell
+        f.seek(image.stat().st_size // 2)
+        f.write(b"\xde\xad\xbe\xef" * 1024)
+
+    second = imagesmith("build", "-C", EXAMPLES, "-o", tmp_path / "b", "server-btrfs")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert re.search(
+        r"warning: cache entry \S+ is damaged: root.img does not match its SHA-256", second.stderr
+    ), second.stderr[-3000:]
+    assert "making the whole filesystem" in second.stderr
+    assert "btrfs from the filesystem cache" not in second.stderr
+    assert not image.parent.exists()
+
+    third = imagesmith("build", "-C", EXAMPLES, "-o", tmp_path / "c", "server-btrfs")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"filesystem cache miss {key.group(1)}" in third.stderr
+    assert "btrfs from the filesystem cache" in third.stderr
