@@ -41,6 +41,7 @@ class BuildContext:
     # the ctime mark after which the tree differs from it, and its copy being
     # made meanwhile (its size when done)
     filesystem_base: Path | None = None
+    filesystem_cache: CacheUse | None = None  # -> manifest; hit: the root was made from it
     tree_mark: int = 0
     base_copy: Future[int] | None = None
     # boot setup -> manifest

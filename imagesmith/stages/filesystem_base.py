@@ -24,6 +24,7 @@ from pathlib import Path
 from imagesmith import log
 from imagesmith.cache import entries
 from imagesmith.cache import filesystems as fscache
+from imagesmith.cache.entries import CacheUse
 from imagesmith.cache.stages import TREE_FILE
 from imagesmith.cache.stages import entry_dir as stage_entry_dir
 from imagesmith.config.settings import AUTO_SIZE, format_size
@@ -51,6 +52,7 @@ def prepare_filesystem_base(ctx: BuildContext) -> None:
     key = fscache.filesystem_key(ctx.stage_cache.key, label=label, tool=fscache.mkfs_version())
     with fscache.locked(ctx.cache_dir, key):
         entry = fscache.usable_entry(ctx.cache_dir, key)
+        ctx.filesystem_cache = CacheUse(key, hit=entry is not None)
         if entry is not None:
             log.info(f"    filesystem cache hit {key}")
         else:
@@ -115,6 +117,8 @@ def btrfs_from_base(ctx: BuildContext, image: Path) -> int | None:
             raise
         reason = e.message.splitlines()[0] if isinstance(e, BuildError) else str(e)
         log.warn(f"the cached btrfs could not be used ({reason}); making the whole filesystem")
+        if ctx.filesystem_cache is not None:
+            ctx.filesystem_cache = dataclasses.replace(ctx.filesystem_cache, hit=False)
         image.unlink(missing_ok=True)
         return None
     log.info(

@@ -193,6 +193,7 @@ def manifest_data(ctx: BuildContext, outputs: dict[str, Path]) -> dict[str, Any]
             for name, use in (
                 ("stage_cache", ctx.stage_cache),
                 ("initramfs_cache", ctx.initramfs_cache),
+                ("filesystem_cache", ctx.filesystem_cache),
             )
             if use is not None
         },
