@@ -124,8 +124,7 @@ def test_copyin_applies_every_kind_of_change_and_never_leaves_the_image(tmp_path
         found.removed
     )
     uuid = "0badc0de-0000-4000-8000-000000000001"
-    incremental.set_uuid(image, uuid)
-    incremental.apply_changes(image, tree, found, size=256 * 1024**2)
+    incremental.apply_changes(image, 0, tree, found, size=256 * 1024**2, uuid=uuid)
 
     expected = describe_tree(tree)
     assert describe(image, times=True) == expected

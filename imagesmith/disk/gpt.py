@@ -20,7 +20,9 @@ def sfdisk_script(layout: DiskLayout) -> str:
 
 
 def write_partition_table(disk: Path, layout: DiskLayout) -> None:
-    with disk.open("wb") as f:
+    """The GPT (and protective MBR) of `layout` in `disk`, made that long;
+    what the file already holds elsewhere (a root placed early) stays."""
+    with disk.open("ab") as f:
         f.truncate(layout.size)
     run(
         ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", os.fspath(disk)],

@@ -10,12 +10,14 @@ then:
 2. customises, sets up boot and finalises as ever;
 3. lists what changed since the mark, by ctime, which no tool in the tree
    can set back, and what is gone, against the cached path list (`changes`);
-4. copies the cached filesystem, gives it this build's UUID (btrfstune -U),
-   and applies the changes chrooted into it, in a mount namespace of its own,
-   so no path leads out of the image and nothing stays mounted whatever
-   happens to the build (`apply_changes`, host/copyin.py).
+4. copies the cached filesystem into the disk at the root's offset while
+   the classes work; then, through a loop device over that range, gives it
+   this build's UUID (btrfstune -U) and applies the changes chrooted into it,
+   in a mount namespace of its own, so no path leads out of the image and
+   nothing stays mounted or attached whatever happens to the build
+   (`apply_changes`, host/copyin.py).
 
-Step 4 needs a loop device for the mount. Where there is none, the caller
+Step 4 needs a loop device. Where there is none, the caller
 makes the whole filesystem as before: loop devices are never required.
 """
 
@@ -78,25 +80,23 @@ def changes(tree: Path, since: int, cached_paths: set[bytes]) -> Changes:
     return Changes(changed, removed, sum(state[path][1] for path in changed))
 
 
-def set_uuid(image: Path, uuid: str) -> None:
-    """Give the (unmounted) btrfs in `image` this build's UUID."""
-    run(["btrfstune", "-f", "-U", uuid, image], what="btrfstune (the root's UUID)")
-
-
-def apply_changes(image: Path, tree: Path, found: Changes, *, size: int) -> None:
-    """Turn `image` (a copy of the cached filesystem) into the filesystem of
-    `tree`: `size` bytes, the changes applied (host/copyin.py, in a mount
-    namespace of its own)."""
-    os.truncate(image, size)
-    work = Path(tempfile.mkdtemp(prefix="apply-", dir=image.parent))
+def apply_changes(
+    disk: Path, offset: int, tree: Path, found: Changes, *, size: int, uuid: str
+) -> None:
+    """Turn the copy of the cached btrfs at `offset` in `disk` into the
+    filesystem of `tree`: `size` bytes, the UUID `uuid`, the changes applied
+    (host/copyin.py, in a mount namespace of its own)."""
+    if disk.stat().st_size < offset + size:
+        os.truncate(disk, offset + size)
+    work = Path(tempfile.mkdtemp(prefix="apply-", dir=tree.parent))
     try:
         (work / "changed").write_bytes(b"".join(path + b"\0" for path in found.changed))
         (work / "removed").write_bytes(b"".join(path + b"\0" for path in found.removed))
         (work / "mnt").mkdir()
         run(
             ["unshare", "--mount", "--propagation", "private",
-             sys.executable, "-m", "imagesmith.host.copyin",
-             image, work / "mnt", tree, work / "changed", work / "removed"],
+             sys.executable, "-m", "imagesmith.host.copyin", disk, str(offset), str(size), uuid,
+             work / "mnt", tree, work / "changed", work / "removed"],
             what="applying the build's changes to the cached btrfs",
         )  # fmt: skip
     finally:

@@ -1,8 +1,11 @@
-"""Apply a list of changes from one tree to a filesystem image, chrooted into
-the image so that no path can lead out of it.
+"""Apply a list of changes from one tree to a btrfs in a file, chrooted into
+the filesystem so that no path can lead out of it.
 
-Runs in a mount namespace of its own (made by `unshare`): it mounts the image
-with a loop device, grows the filesystem to the file, then a forked child
+Runs in a mount namespace of its own (made by `unshare`). It attaches a loop
+device to the filesystem's byte range of the file (a partition of a disk
+image), with autoclear set and a descriptor held: the device goes away when
+this process does, however it ends. It gives the filesystem a new UUID when
+asked (btrfstune), mounts it, grows it to the range, then a forked child
 chroots into the mount and, with the source tree open as a directory, removes
 what is gone and copies what changed: files, directories, symlinks, device
 nodes, fifos, hard links, owners, modes, extended attributes (capabilities,
@@ -12,19 +15,53 @@ done; were it killed, the namespace goes with it and nothing stays mounted.
 
 Only this project's code runs with the image as root: no tool of the image.
 
-Usage: python -m imagesmith.host.copyin IMAGE MOUNTPOINT TREE CHANGED REMOVED
-CHANGED and REMOVED are files of NUL-separated paths relative to the tree.
+Usage: python -m imagesmith.host.copyin FILE OFFSET SIZE UUID MOUNTPOINT TREE CHANGED REMOVED
+CHANGED and REMOVED are files of NUL-separated paths relative to the tree;
+UUID "" keeps the filesystem's.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
+import time
 
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+LOOP_CTL_GET_FREE, LOOP_CONFIGURE, LO_FLAGS_AUTOCLEAR = 0x4C82, 0x4C0A, 4
+
+
+def attach_loop(path: str, offset: int, size: int) -> tuple[int, str]:
+    """A loop device over `size` bytes of `path` from `offset`; returns the
+    open device and its name. Autoclear: it detaches when the last holder of
+    it closes, so when this process ends, however it ends."""
+    backing = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for _ in range(20):  # another process may take the free one first
+                name = f"/dev/loop{fcntl.ioctl(control, LOOP_CTL_GET_FREE)}"
+                device = os.open(name, os.O_RDWR | os.O_CLOEXEC)
+                # struct loop_config: fd, block_size, struct loop_info64, reserved
+                info = struct.pack("=5Q4I64s64s32s2Q", 0, 0, 0, offset, size, 0, 0, 0,
+                                   LO_FLAGS_AUTOCLEAR, b"", b"", b"", 0, 0)  # fmt: skip
+                try:
+                    fcntl.ioctl(
+                        device, LOOP_CONFIGURE, struct.pack("=II", backing, 0) + info + bytes(64)
+                    )
+                    return device, name
+                except OSError:
+                    os.close(device)
+                    time.sleep(0.05)
+            raise OSError(f"no free loop device for {path}")
+        finally:
+            os.close(control)
+    finally:
+        os.close(backing)  # the device holds the file now
 
 
 def remove(path: bytes) -> None:
@@ -121,9 +158,14 @@ def read_list(path: str) -> list[bytes]:
         return [p for p in f.read().split(b"\0") if p]
 
 
-def main(image: str, mountpoint: str, tree_path: str, changed: str, removed: str) -> int:
-    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
-    subprocess.run(["mount", "-o", "loop", image, mountpoint], check=True)
+def main(
+    path: str, offset: str, size: str, uuid: str, mountpoint: str, tree_path: str,
+    changed: str, removed: str,
+) -> int:  # fmt: skip
+    device, name = attach_loop(path, int(offset), int(size))
+    if uuid:
+        subprocess.run(["btrfstune", "-f", "-U", uuid, name], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["mount", "-t", "btrfs", name, mountpoint], check=True)
     subprocess.run(["btrfs", "filesystem", "resize", "max", mountpoint], check=True,
                    stdout=subprocess.DEVNULL)  # fmt: skip
     paths = read_list(changed), read_list(removed)
@@ -142,11 +184,12 @@ def main(image: str, mountpoint: str, tree_path: str, changed: str, removed: str
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     subprocess.run(["umount", mountpoint], check=True)
+    os.close(device)
     return os.waitstatus_to_exitcode(status)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 6:
+    if len(sys.argv) != 9:
         print(__doc__, file=sys.stderr)
         sys.exit(2)
     sys.exit(main(*sys.argv[1:]))

@@ -34,7 +34,7 @@ from imagesmith.disk.gpt import write_partition_table
 from imagesmith.disk.sparse import sha256_with_placed
 from imagesmith.errors import ConfigError
 from imagesmith.host.background import in_background
-from imagesmith.stages.filesystem_base import BTRFS_FILE, btrfs_from_base, content_estimate
+from imagesmith.stages.filesystem_base import btrfs_from_base, content_estimate
 
 # ext4/btrfs metadata and slack on top of the files themselves.
 FS_OVERHEAD = 1.15
@@ -67,12 +67,15 @@ def too_small(ctx: BuildContext, need: int) -> ConfigError:
     )
 
 
-def make_btrfs_root(ctx: BuildContext, image: Path) -> None:
-    """The btrfs root in `image`, before the disk is written. With size =
-    "auto", as small as its content, and the disk sized to it plus headroom:
-    mkfs.btrfs knows what btrfs needs (many small files cost it much more
-    than ext4), no estimate does. From the filesystem cache when it can."""
-    made = btrfs_from_base(ctx, image)
+def make_btrfs_root(ctx: BuildContext, image: Path) -> bool:
+    """The btrfs root, before the disk's partition table is written: from
+    the filesystem cache straight into the disk when it can (True), else
+    made whole in `image`, to be placed (False). With size = "auto", as small
+    as its content, and the disk sized to it plus headroom: mkfs.btrfs knows
+    what btrfs needs (many small files cost it much more than ext4), no
+    estimate does."""
+    made = btrfs_from_base(ctx)
+    placed = made is not None
     if made is None:
         with log.watch_growth("mkfs.btrfs", image, content_estimate(ctx)):
             if ctx.image.settings.size == AUTO_SIZE:
@@ -85,9 +88,9 @@ def make_btrfs_root(ctx: BuildContext, image: Path) -> None:
         log.info(
             f"    size auto: a {format_size(made)} btrfs, a {format_size(ctx.layout.size)} disk"
         )
-        return
-    if made > ctx.layout.root.size:
+    elif made > ctx.layout.root.size:
         raise too_small(ctx, made)
+    return placed
 
 
 def place_btrfs(ctx: BuildContext, btrfs: Path) -> None:
@@ -104,10 +107,11 @@ def place_btrfs(ctx: BuildContext, btrfs: Path) -> None:
 def assemble_disk(ctx: BuildContext) -> None:
     if ctx.image.target != "disk":
         return
-    btrfs = ctx.workdir / BTRFS_FILE
+    btrfs = ctx.workdir / "root.btrfs"
+    placed = False
     try:
         if ctx.layout.root.filesystem == "btrfs":
-            make_btrfs_root(ctx, btrfs)
+            placed = make_btrfs_root(ctx, btrfs)
         else:
             check_tree_fits(ctx)
         layout = ctx.layout
@@ -119,7 +123,8 @@ def assemble_disk(ctx: BuildContext) -> None:
                 ctx.disk, bios_boot, ctx.bios_dir / "boot.img", ctx.bios_dir / "core.img"
             )
         if layout.root.filesystem == "btrfs":
-            place_btrfs(ctx, btrfs)
+            if not placed:
+                place_btrfs(ctx, btrfs)
         else:
             with log.watch_growth("mkfs.ext4", ctx.disk, content_estimate(ctx)):
                 make_ext4(ctx.disk, layout.root, ctx.tree)

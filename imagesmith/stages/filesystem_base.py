@@ -36,7 +36,6 @@ from imagesmith.errors import BuildError
 from imagesmith.host.background import in_background
 
 SWITCH = "IMAGESMITH_FILESYSTEM_CACHE"
-BTRFS_FILE = "root.btrfs"  # in the workdir: the root btrfs before it is placed
 
 
 def prepare_filesystem_base(ctx: BuildContext) -> None:
@@ -62,10 +61,8 @@ def prepare_filesystem_base(ctx: BuildContext) -> None:
         return
     ctx.filesystem_base = entry
     ctx.tree_mark = incremental.mark(ctx.workdir)
-    # Copied and given the build's UUID while the classes do their work.
-    ctx.base_copy = in_background(
-        copy_base, entry, ctx.workdir / BTRFS_FILE, ctx.layout.root.fs_uuid
-    )
+    # Copied into the disk, at the root's offset, while the classes work.
+    ctx.base_copy = in_background(copy_base, entry, ctx.disk, ctx.layout.root.start)
 
 
 def make_base(ctx: BuildContext, key: str) -> Path | None:
@@ -95,23 +92,27 @@ def content_estimate(ctx: BuildContext) -> int:
     return tree_size(ctx.tree)
 
 
-def btrfs_from_base(ctx: BuildContext, image: Path) -> int | None:
-    """The root btrfs in `image`, made from the cached one and the build's
-    changes; its size. None when there is no cached one, or it could not be
-    used (said in a warning): the caller then makes the whole filesystem."""
+def btrfs_from_base(ctx: BuildContext) -> int | None:
+    """The root btrfs made in the disk, at its offset, from the cached one and
+    the build's changes; its size. None when there is no cached one, or it
+    could not be used (said in a warning): the caller then makes the whole
+    filesystem."""
     entry = ctx.filesystem_base
     if entry is None or ctx.base_copy is None:
         return None
+    root = ctx.layout.root
     try:
         base = ctx.base_copy.result()
         found = incremental.changes(ctx.tree, ctx.tree_mark, fscache.recorded_paths(entry))
         if ctx.image.settings.size == AUTO_SIZE:
             size = base + int(found.changed_bytes * incremental.CHANGE_OVERHEAD) + incremental.SLACK
-        elif base > ctx.layout.root.size:
+        elif base > root.size:
             raise BuildError(f"the cached btrfs alone ({format_size(base)}) does not fit")
         else:
-            size = ctx.layout.root.size
-        incremental.apply_changes(image, ctx.tree, found, size=size)
+            size = root.size
+        incremental.apply_changes(
+            ctx.disk, root.start, ctx.tree, found, size=size, uuid=root.fs_uuid
+        )
     except (BuildError, OSError) as e:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -119,7 +120,7 @@ def btrfs_from_base(ctx: BuildContext, image: Path) -> int | None:
         log.warn(f"the cached btrfs could not be used ({reason}); making the whole filesystem")
         if ctx.filesystem_cache is not None:
             ctx.filesystem_cache = dataclasses.replace(ctx.filesystem_cache, hit=False)
-        image.unlink(missing_ok=True)
+        os.truncate(ctx.disk, root.start)  # nothing of the copy stays in the disk
         return None
     log.info(
         f"    btrfs from the filesystem cache: {len(found.changed)} paths changed "
@@ -128,18 +129,16 @@ def btrfs_from_base(ctx: BuildContext, image: Path) -> int | None:
     return size
 
 
-def copy_base(entry: Path, image: Path, uuid: str) -> int:
-    """Copy the entry's filesystem to `image`, hashing it on the way (a
-    second reader on another core), and give it `uuid`; its size. A
-    mismatch discards the entry."""
+def copy_base(entry: Path, disk: Path, offset: int) -> int:
+    """Copy the entry's filesystem into `disk` at `offset`, hashing it on the
+    way (a second reader on another core); its size. A mismatch discards the
+    entry."""
     source = entry / fscache.IMAGE_FILE
     size = source.stat().st_size
     digest = in_background(entries.file_sha256, source)
-    image.touch()
-    copy_sparse(source, image, offset=0)
-    os.truncate(image, size)
+    disk.touch()
+    copy_sparse(source, disk, offset=offset)
     if problem := entries.digest_problem(entry, {fscache.IMAGE_FILE: digest.result()}):
         entries.discard(entry, problem)
         raise BuildError(f"cache entry {entry}: {problem}")
-    incremental.set_uuid(image, uuid)
     return size
