@@ -22,9 +22,11 @@ UUID "" keeps the filesystem's.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import shutil
+import signal
 import stat
 import struct
 import subprocess
@@ -33,6 +35,8 @@ import time
 
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 LOOP_CTL_GET_FREE, LOOP_CONFIGURE, LO_FLAGS_AUTOCLEAR = 0x4C82, 0x4C0A, 4
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def attach_loop(path: str, offset: int, size: int) -> tuple[int, str]:
@@ -174,6 +178,7 @@ def main(
     if pid == 0:
         code = 1
         try:
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # dies with its parent
             os.chroot(mountpoint)
             os.chdir("/")
             apply(tree, *paths)
