@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import errno
 import functools
 import os
 import re
@@ -42,7 +41,7 @@ from imagesmith.config.settings import format_size
 from imagesmith.config.space import ResolvedImage
 from imagesmith.context import BuildContext
 from imagesmith.disk.sparse import largest_file_problem
-from imagesmith.errors import BuildError, ConfigError, ImagesmithError
+from imagesmith.errors import OUT_OF_SPACE, BuildError, ConfigError, ImagesmithError
 from imagesmith.formats import OUTPUT_TEMP_RE, output_path
 from imagesmith.host.aptsources import archive_mirror
 from imagesmith.host.leftovers import remove_dead_owners
@@ -156,9 +155,6 @@ def check_class_scripts(image: ResolvedImage) -> None:
                     f"{script}:1: {problem}",
                     hint="start it with #!/bin/sh and set -eu (imagesmith lint checks every script)",
                 )
-
-
-OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextlib.contextmanager

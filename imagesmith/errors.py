@@ -6,6 +6,11 @@ code. Each carries a message and, where we know one, a hint on what to change.
 
 from __future__ import annotations
 
+import errno
+
+# The errnos of a write that found no room: a full disk, or a user's quota.
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
 
 class ImagesmithError(Exception):
     """Base class. `exit_code` is what the CLI exits with."""

@@ -18,6 +18,7 @@ build's changes to a copy of the entry.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -36,7 +37,9 @@ ENTRY_FILE = "entry.json"
 FORMAT = 1
 
 
+@functools.cache
 def mkfs_version() -> str:
+    """The host's mkfs.btrfs version line (asked once per process)."""
     out = run(["mkfs.btrfs", "--version"], capture=True, what="mkfs.btrfs --version").stdout
     return out.decode(errors="replace").strip()
 

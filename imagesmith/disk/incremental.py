@@ -75,8 +75,8 @@ def tree_state(tree: Path) -> dict[bytes, tuple[int, int]]:
 
 def changes(tree: Path, since: int, cached_paths: set[bytes]) -> Changes:
     state = tree_state(tree)
-    changed = sorted(path for path, (ctime, _) in state.items() if ctime >= since)
-    removed = sorted(cached_paths - state.keys())
+    changed = [path for path, (ctime, _) in state.items() if ctime >= since]
+    removed = list(cached_paths - state.keys())  # host/copyin.py orders both
     return Changes(changed, removed, sum(state[path][1] for path in changed))
 
 

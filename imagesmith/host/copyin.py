@@ -98,7 +98,8 @@ def copy_content(source: int, target: int, size: int) -> None:
         offset += sent
 
 
-def copy_one(tree: int, path: bytes, links: dict[tuple[int, int], bytes]) -> None:
+def copy_one(tree: int, path: bytes, links: dict[tuple[int, int], bytes]) -> os.stat_result:
+    """Make `path` what it is in the tree; returns the tree's stat of it."""
     st = os.stat(path, dir_fd=tree, follow_symlinks=False)
     mode = st.st_mode
     try:
@@ -110,17 +111,15 @@ def copy_one(tree: int, path: bytes, links: dict[tuple[int, int], bytes]) -> Non
         here = None
     if stat.S_ISREG(mode) and st.st_nlink > 1 and (st.st_dev, st.st_ino) in links:
         os.link(links[(st.st_dev, st.st_ino)], path, follow_symlinks=False)
-        return
-    if stat.S_ISLNK(mode):
-        os.symlink(os.readlink(path, dir_fd=tree), path)
+        return st
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # symlinks, devices, fifos, sockets
+        if stat.S_ISLNK(mode):
+            os.symlink(os.readlink(path, dir_fd=tree), path)
+        else:
+            os.mknod(path, mode, st.st_rdev)
         os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-        return
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # devices, fifos, sockets
-        os.mknod(path, mode, st.st_rdev)
-        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-        return
+        return st
     if stat.S_ISDIR(mode):
         if here is None:
             os.mkdir(path, 0o700)
@@ -140,6 +139,7 @@ def copy_one(tree: int, path: bytes, links: dict[tuple[int, int], bytes]) -> Non
     finally:
         os.close(source)
         os.close(target)
+    return st
 
 
 def apply(tree: int, changed: list[bytes], removed: list[bytes]) -> None:
@@ -149,12 +149,13 @@ def apply(tree: int, changed: list[bytes], removed: list[bytes]) -> None:
     for path in sorted(removed, reverse=True):
         remove(path)
     links: dict[tuple[int, int], bytes] = {}
+    directories = []
     for path in sorted(changed):
-        copy_one(tree, path, links)
-    for path in sorted(changed, reverse=True):
-        st = os.stat(path, dir_fd=tree, follow_symlinks=False)
+        st = copy_one(tree, path, links)
         if stat.S_ISDIR(st.st_mode):
-            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+            directories.append((path, st))
+    for path, st in reversed(directories):
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 def read_list(path: str) -> list[bytes]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import os
 import uuid
 from pathlib import Path
@@ -32,7 +31,7 @@ from imagesmith.context import BuildContext
 from imagesmith.disk import incremental
 from imagesmith.disk.filesystems import make_btrfs_image, tree_size
 from imagesmith.disk.sparse import copy_sparse
-from imagesmith.errors import BuildError
+from imagesmith.errors import OUT_OF_SPACE, BuildError
 from imagesmith.host.background import in_background
 
 SWITCH = "IMAGESMITH_FILESYSTEM_CACHE"
@@ -76,10 +75,14 @@ def make_base(ctx: BuildContext, key: str) -> Path | None:
             paths = incremental.tree_state(ctx.tree)
             (temp / fscache.PATHS_FILE).write_bytes(b"\0".join(sorted(paths)))
     except (BuildError, OSError) as e:
-        reason = e.message.splitlines()[0] if isinstance(e, BuildError) else str(e)
-        entries.warn_not_saved("the package stage's btrfs", final, reason)
+        entries.warn_not_saved("the package stage's btrfs", final, reason(e))
         return None
     return final
+
+
+def reason(error: BuildError | OSError) -> str:
+    """What went wrong, in one line for a warning."""
+    return error.message.splitlines()[0] if isinstance(error, BuildError) else str(error)
 
 
 def content_estimate(ctx: BuildContext) -> int:
@@ -114,10 +117,9 @@ def btrfs_from_base(ctx: BuildContext) -> int | None:
             ctx.disk, root.start, ctx.tree, found, size=size, uuid=root.fs_uuid
         )
     except (BuildError, OSError) as e:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(e, OSError) and e.errno in OUT_OF_SPACE:
             raise
-        reason = e.message.splitlines()[0] if isinstance(e, BuildError) else str(e)
-        log.warn(f"the cached btrfs could not be used ({reason}); making the whole filesystem")
+        log.warn(f"the cached btrfs could not be used ({reason(e)}); making the whole filesystem")
         if ctx.filesystem_cache is not None:
             ctx.filesystem_cache = dataclasses.replace(ctx.filesystem_cache, hit=False)
         os.truncate(ctx.disk, root.start)  # nothing of the copy stays in the disk
