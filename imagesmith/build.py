@@ -238,6 +238,7 @@ def build_image(
             layout=layout,
             remote_cache=remote,
         )
+        cleanup.callback(ctx.closing.close)  # before the workdir goes
         skipped = ""
         if image.skipped_classes:
             names = " ".join(c.name for c in image.skipped_classes)
@@ -262,9 +263,8 @@ def build_image(
                     log.info(f"pausing after {name} ({PAUSE_AFTER_STAGE})")
                     time.sleep(3600)
             # Nothing reads the tree any more: free it while the outputs are written.
-            remover = threading.Thread(
-                target=shutil.rmtree, args=(ctx.tree,), kwargs={"ignore_errors": True}
-            )
+            ctx.closing.close()
+            remover = threading.Thread(target=remove_trees, args=(ctx,))
             remover.start()
             cleanup.callback(remover.join)
             with running_stage("outputs", ctx):
@@ -323,6 +323,12 @@ def build_one(
         for fmt in [*image.settings.outputs, "manifest"]
     }
     return ImageResult(image.name, True, time.monotonic() - started, outputs)
+
+
+def remove_trees(ctx: BuildContext) -> None:
+    """Remove the build's tree, and the overlay's writes when it was mounted."""
+    for path in (ctx.tree, ctx.overlay_scratch):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def package_stages_first(images: list[ResolvedImage]) -> list[ResolvedImage]:

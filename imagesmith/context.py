@@ -6,6 +6,7 @@ the comment says which.
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,10 @@ class BuildContext:
     layout: DiskLayout
     remote_cache: RemoteCache | None = None  # the registry the package stage is shared through
     timings: dict[str, float] = field(default_factory=dict)
+    # What the build holds until its tree is no longer read: the overlay
+    # mount of the cached tree and the entry's in-use lock. Closed before the
+    # outputs are written, and on any failure.
+    closing: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     # Where the disk is assembled: the raw output's temp file when the image
     # has a raw output (no copy), else a file in the workdir.
     disk_file: Path | None = None
@@ -36,6 +41,7 @@ class BuildContext:
     build_repositories: list[str] = field(default_factory=list)
     # bootstrap, boot setup -> manifest
     stage_cache: CacheUse | None = None
+    tree_overlay: bool = False  # bootstrap: the tree is the cached one, mounted (host/overlay.py)
     initramfs_cache: CacheUse | None = None
     # filesystem base -> assemble: the cached btrfs of the package stage's tree,
     # the ctime mark after which the tree differs from it, and its copy being
@@ -58,6 +64,11 @@ class BuildContext:
     def tree(self) -> Path:
         """The image's root filesystem tree."""
         return self.workdir / "root"
+
+    @property
+    def overlay_scratch(self) -> Path:
+        """Where the overlay of a mounted tree keeps the build's writes (host/overlay.py)."""
+        return self.workdir / "overlay"
 
     @property
     def esp_tree(self) -> Path:

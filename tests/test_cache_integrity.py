@@ -169,6 +169,19 @@ def test_prune_skips_an_entry_a_build_holds(tmp_path: Path) -> None:
     assert sorted((e.kind, e.name) for e in removed) == [("initramfs", "busy"), ("stage", "busy")]
 
 
+def test_prune_skips_a_stage_builds_have_mounted(tmp_path: Path) -> None:
+    """A build whose tree is an overlay of the entry's unpacked tree shares
+    it (any number of builds at once); prune leaves it until they are done."""
+    cache = tmp_path / "cache"
+    for key in ("shared", "idle"):
+        (cache / "stages" / key / stagecache.UNPACKED_DIR).mkdir(parents=True)
+    with stagecache.in_use(cache, "shared"), stagecache.in_use(cache, "shared"):
+        removed = cacheadmin.prune(cache, everything=True)
+        assert [e.name for e in removed] == ["idle"]
+        assert (cache / "stages/shared" / stagecache.UNPACKED_DIR).is_dir()
+    assert [e.name for e in cacheadmin.prune(cache, everything=True)] == ["shared"]
+
+
 @needs_root
 def test_deb_cache_hook_on_a_full_disk_does_not_fail_mmdebstrap(tmp_path: Path) -> None:
     from imagesmith.stages.bootstrap import ARCHIVES, cache_out_hook

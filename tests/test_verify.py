@@ -232,3 +232,45 @@ def test_private_key_findings_are_real_keys_no_package_ships(tmp_path: Path) -> 
     put("etc/vendor/client.key", PEM_KEY)(tree)
     found = [f.path for f in check_file_contents(tree, ScanContext())]
     assert found == ["/etc/vendor/client.key"]
+
+
+def test_a_baseline_scan_reads_only_changed_files_and_keeps_what_it_knew(tmp_path: Path) -> None:
+    """The scan of a tree mounted over a cached package stage: what the
+    stage's files held is known; the changed files are read; a known file
+    the build removed or rewrote no longer counts."""
+    from imagesmith.inspect.verify import (
+        Baseline,
+        ContentFindings,
+        ScanContext,
+        check_file_contents,
+        scan_contents,
+    )
+
+    tree = clean_tree(tmp_path / "root")
+    for rel in ("etc/kept.key", "etc/removed.key", "etc/rewritten.key", "etc/unread.key"):
+        put(rel, PEM_KEY)(tree)
+    known = scan_contents(tree, ScanContext())
+    assert known == ContentFindings(
+        frozenset(), frozenset({"etc/kept.key", "etc/removed.key", "etc/rewritten.key",
+                                "etc/unread.key"}),
+    )  # fmt: skip
+    assert ContentFindings.from_json(known.to_json()) == known
+    (tree / "etc/removed.key").unlink()
+    put("etc/rewritten.key", "nothing secret now\n")(tree)
+    put("etc/new.key", PEM_KEY)(tree)
+    put("etc/other.key", PEM_KEY)(tree)  # not in the baseline's changed list: not read
+    baseline = Baseline(
+        ContentFindings(frozenset(), known.key_files - {"etc/unread.key"}),
+        changed=frozenset({"etc/rewritten.key", "etc/new.key", "etc/removed.key"}),
+    )
+    found = [f.path for f in check_file_contents(tree, ScanContext(baseline=baseline))]
+    assert found == ["/etc/kept.key", "/etc/new.key"]
+    # A secret the build used, in a changed file, is found the same way.
+    put("etc/new.conf", "token=s3cr3t-value\n")(tree)
+    scan = ScanContext(
+        secrets=(b"s3cr3t-value",),
+        baseline=Baseline(ContentFindings(), frozenset({"etc/new.conf"})),
+    )
+    assert [(f.code, f.path) for f in check_file_contents(tree, scan)] == [
+        ("build-secret", "/etc/new.conf")
+    ]

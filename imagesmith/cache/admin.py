@@ -126,9 +126,10 @@ def remove_entry(entry: CacheEntry) -> bool:
         shutil.rmtree(entry.path, ignore_errors=True)
         return True
     with entries.try_locked(entry.path.parent, entry.name) as got:
-        if got:
+        if got and entries.unused(entry.path.parent, entry.name):
             shutil.rmtree(entry.path, ignore_errors=True)
-        return got
+            return True
+        return False
 
 
 def format_age(seconds: float) -> str:

@@ -17,6 +17,7 @@ again (`digest_problem()`, `discard()`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -31,6 +32,7 @@ from imagesmith import log
 
 TEMP_PREFIX = ".tmp-"
 DIGEST_FILE = "digest.json"
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,40 @@ def locked(kind_dir: Path, key: str) -> Iterator[None]:
     with (kind_dir / f"{TEMP_PREFIX}{key}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+@contextlib.contextmanager
+def in_use(kind_dir: Path, key: str) -> Iterator[None]:
+    """Share `key`'s entry for the block: any number of builds at once, while
+    `remove_entry` (cache prune) waits for none of them and skips it."""
+    kind_dir.mkdir(parents=True, exist_ok=True)
+    with (kind_dir / f"{TEMP_PREFIX}{key}.use").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        yield
+
+
+def unused(kind_dir: Path, key: str) -> bool:
+    """True when no build shares `key`'s entry (`in_use`) right now."""
+    path = kind_dir / f"{TEMP_PREFIX}{key}.use"
+    if not path.exists():
+        return True
+    with path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
+def sync_filesystem(path: Path) -> None:
+    """Write everything of the filesystem holding `path` to its disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -54,6 +54,8 @@ from imagesmith.host.run import run
 STAGES_DIR = "stages"
 ENTRY_FILE = "entry.json"
 TREE_FILE = "root.tar"
+# The tar unpacked once, for builds to mount as their tree (host/overlay.py).
+UNPACKED_DIR = "tree"
 # Part of the key: entries of an older layout (1: no digest.json) are not looked at.
 ENTRY_FORMAT = 2
 # The tree's .debs live in the .deb cache already, and apt rebuilds its own
@@ -148,6 +150,49 @@ def restore_tree(cache_dir: Path, key: str, tree: Path) -> bool:
         return False
     os.utime(entry)  # last used, for pruning
     return True
+
+
+def unpacked_tree(cache_dir: Path, key: str) -> Path | None:
+    """The entry's tree unpacked in the entry (`tree/`), made on first use;
+    None on a miss, or when the entry is damaged (then it is discarded, with a
+    warning). The caller holds the key's lock.
+
+    The unpacked tree is made under a temporary name from the tar, checked
+    against its digest as it is read, synced, and renamed into place: it is
+    there whole or not at all. Builds only ever read it (it is the lower
+    layer of their overlay), and `in_use()` keeps `cache prune` off it."""
+    entry = entry_dir(cache_dir, key)
+    unpacked = entry / UNPACKED_DIR
+    if unpacked.is_dir():
+        os.utime(entry)
+        return unpacked
+    if not entry.is_dir():
+        return None
+    for leftover in entries.leftovers(entry):  # an unpacking that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    temp = entry / f"{entries.TEMP_PREFIX}{UNPACKED_DIR}-{os.getpid()}"
+    if not restore_tree(cache_dir, key, temp):
+        return None
+    try:
+        entries.sync_filesystem(temp)
+        os.rename(temp, unpacked)
+    except OSError as e:
+        shutil.rmtree(temp, ignore_errors=True)
+        entries.warn_not_saved("the unpacked package stage", unpacked, str(e))
+        return None
+    return unpacked
+
+
+def in_use(cache_dir: Path, key: str) -> contextlib.AbstractContextManager[None]:
+    """Keep the entry while the block runs: builds share it, `cache prune`
+    leaves it alone."""
+    return entries.in_use(stages_dir(cache_dir), key)
+
+
+def scan_memo(cache_dir: Path, key: str, scan_key: str) -> Path:
+    """Where the hygiene scan keeps what it found in the entry's unpacked
+    tree, for one scan context (`scan_key`, which never shows a secret)."""
+    return entry_dir(cache_dir, key) / f"scan-{scan_key}.json"
 
 
 def save_tree(cache_dir: Path, key: str, tree: Path, info: Mapping[str, Any]) -> Path | None:

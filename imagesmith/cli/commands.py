@@ -19,6 +19,7 @@ from imagesmith.config.settings import format_size, parse_size
 from imagesmith.config.space import ResolvedImage, load_config_space, resolve_image
 from imagesmith.errors import ConfigError
 from imagesmith.fai.convert import ImportRequest, import_fai_space, split_names
+from imagesmith.host import overlay
 from imagesmith.host.signing import make_key_set
 from imagesmith.inspect.lint import lint_config_space
 from imagesmith.inspect.qemu import Enrolment, boot_interactive
@@ -68,6 +69,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ConfigError(f"-j {args.jobs}: the number of jobs must be at least 1")
     images = resolve_requested(args)
+    # Before any thread starts: the builds mount their cached trees there.
+    overlay.enter_private_namespace()
     results = build_images(
         images,
         output_dir=args.output,

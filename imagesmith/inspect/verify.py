@@ -20,6 +20,7 @@ import hmac
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -72,6 +73,35 @@ class ScanContext:
     # The build host's resolv.conf, to recognise a copy of it.
     host_resolv_conf: bytes = b""
     waived: dict[str, str] = field(default_factory=dict)  # finding -> reason
+    # What an earlier scan of most of this tree found: only the rest is read.
+    baseline: Baseline | None = None
+
+
+@dataclass(frozen=True)
+class ContentFindings:
+    """The file-content pass's raw result: relative paths of files holding a
+    build secret, and of files holding a PEM private key (not yet checked
+    against what packages ship)."""
+
+    secret_files: frozenset[str] = frozenset()
+    key_files: frozenset[str] = frozenset()
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {"secret_files": sorted(self.secret_files), "key_files": sorted(self.key_files)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, list[str]]) -> ContentFindings:
+        return cls(frozenset(data["secret_files"]), frozenset(data["key_files"]))
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A tree whose files are known except `changed` ones: `known` is what
+    the content pass found in the tree they came from (a cached package
+    stage), with the same secrets. The scan reads only `changed`."""
+
+    known: ContentFindings
+    changed: frozenset[str]  # relative paths of files made or written since
 
 
 def read(root: Path, rel: str) -> bytes:
@@ -122,15 +152,36 @@ def holds_secret(path: str, secrets: list[bytes]) -> bool:
     return False
 
 
-def check_file_contents(root: Path, scan: ScanContext) -> list[Finding]:
-    """One pass over the files: build secrets anywhere in any file (when the
-    build had secrets), private keys and secret digests in small files."""
-    findings, keys = [], []
+def changed_files(
+    root: Path, changed: frozenset[str], skip: tuple[str, ...]
+) -> Iterator[tuple[str, str, int]]:
+    """`tree_files()` for the given relative paths only."""
+    top = os.fspath(root)
+    for rel in sorted(changed):
+        if any(rel.startswith(f"{d}/") for d in skip):
+            continue
+        path = os.path.join(top, rel)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+            yield rel, path, st.st_size
+
+
+def scan_contents(
+    root: Path, scan: ScanContext, only: frozenset[str] | None = None
+) -> ContentFindings:
+    """One pass over the files (or the `only` ones): build secrets anywhere in
+    any file (when the build had secrets), private keys and secret digests in
+    small files."""
+    secret_files, key_files = set(), set()
     secrets = [s.strip() for s in scan.secrets if s.strip()]
     skip = SCAN_NEVER if secrets else SCAN_SKIP_DIRS
-    for rel, path, size in tree_files(root, skip):
+    files = tree_files(root, skip) if only is None else changed_files(root, only, skip)
+    for rel, path, size in files:
         if secrets and holds_secret(path, secrets):
-            findings.append(Finding("build-secret", f"/{rel}", "holds a secret the build used"))
+            secret_files.add(rel)
             continue
         if size > SCAN_MAX_FILE or rel.startswith(SCAN_SKIP_DIRS):
             continue
@@ -140,15 +191,36 @@ def check_file_contents(root: Path, scan: ScanContext) -> list[Finding]:
         except OSError:
             continue
         if scan.secret_digests and secret_digest(data, scan.secret_key) in scan.secret_digests:
-            findings.append(Finding("build-secret", f"/{rel}", "holds a secret the build used"))
+            secret_files.add(rel)
         elif PRIVATE_KEY.search(data) and not re.match(r"etc/ssh/ssh_host_\w+_key$", rel):
-            keys.append(rel)
+            key_files.add(rel)
+    return ContentFindings(frozenset(secret_files), frozenset(key_files))
+
+
+def check_file_contents(root: Path, scan: ScanContext) -> list[Finding]:
+    """Build secrets and private keys in the tree's files; with a baseline,
+    only its changed files are read, and what it knew of the others holds
+    where they are still there."""
+    found = scan_contents(root, scan, None if scan.baseline is None else scan.baseline.changed)
+    if scan.baseline is not None:
+        base, changed = scan.baseline.known, scan.baseline.changed
+
+        def kept(rels: frozenset[str]) -> frozenset[str]:
+            return frozenset(r for r in rels if r not in changed and lstat_in_root(root, r))
+
+        found = ContentFindings(
+            found.secret_files | kept(base.secret_files), found.key_files | kept(base.key_files)
+        )
+    findings = [
+        Finding("build-secret", f"/{rel}", "holds a secret the build used")
+        for rel in found.secret_files
+    ]
     # A key a Debian package ships (a test suite's, say) is the distribution's,
     # not one the build left: only keys no package owns are findings.
-    owned = package_files(root) if keys else set()
+    owned = package_files(root) if found.key_files else set()
     findings += [
         Finding("private-key", f"/{rel}", "holds a PEM private key no package ships")
-        for rel in keys
+        for rel in found.key_files
         if f"/{rel}" not in owned
     ]
     return sorted(findings, key=lambda f: f.path)

@@ -42,6 +42,7 @@ from imagesmith.host.aptsources import archive_mirror
 from imagesmith.host.run import run
 from imagesmith.host.sandbox import private_mounts_argv
 from imagesmith.stages import sharing
+from imagesmith.stages.cached_tree import restore_cached_tree
 from imagesmith.tree import aptsources, initramfs
 from imagesmith.tree.aptsources import BuildSources, prepare_build_sources
 from imagesmith.tree.initramfs import DIVERT_INITRAMFS
@@ -160,9 +161,10 @@ def install_packages(ctx: BuildContext) -> None:
         key = stagecache.stage_key(inputs)
         with stagecache.locked(ctx.cache_dir, key):
             remote = sharing.pull(ctx, key, STAGE)
-            if stagecache.restore_tree(ctx.cache_dir, key, ctx.tree):
+            if restore_cached_tree(ctx, key):
                 where = "remote stage cache" if remote == "hit" else "stage cache"
-                log.info(f"    {where} hit {key}: mmdebstrap skipped")
+                how = "mounted" if ctx.tree_overlay else "extracted"
+                log.info(f"    {where} hit {key}: mmdebstrap skipped, the tree {how}")
                 ctx.stage_cache = CacheUse(key, hit=True, remote=remote)
                 return
             log.info(f"    stage cache miss {key}")

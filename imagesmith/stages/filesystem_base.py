@@ -30,7 +30,7 @@ from imagesmith.config.settings import AUTO_SIZE, format_size
 from imagesmith.context import BuildContext
 from imagesmith.disk import incremental
 from imagesmith.disk.filesystems import make_btrfs_image, tree_size
-from imagesmith.disk.sparse import copy_sparse
+from imagesmith.disk.sparse import copy_sparse, sha256_file
 from imagesmith.errors import OUT_OF_SPACE, BuildError
 from imagesmith.host.background import in_background
 
@@ -137,7 +137,7 @@ def copy_base(entry: Path, disk: Path, offset: int) -> int:
     entry."""
     source = entry / fscache.IMAGE_FILE
     size = source.stat().st_size
-    digest = in_background(entries.file_sha256, source)
+    digest = in_background(sha256_file, source)  # its holes are hashed from memory
     disk.touch()
     copy_sparse(source, disk, offset=offset)
     if problem := entries.digest_problem(entry, {fscache.IMAGE_FILE: digest.result()}):

@@ -11,13 +11,22 @@ setup did not already put the real one back (a container image).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import fnmatch
+import hashlib
+import json
+import os
 import stat
 from pathlib import Path
 
 from imagesmith import log
+from imagesmith.cache import entries
+from imagesmith.cache import stages as stagecache
+from imagesmith.cache.keys import hygiene_key
 from imagesmith.context import BuildContext
 from imagesmith.errors import BuildError
+from imagesmith.host import overlay
 from imagesmith.host.paths import (
     empty_dir_in_root,
     listdir_in_root,
@@ -26,7 +35,15 @@ from imagesmith.host.paths import (
     write_in_root,
 )
 from imagesmith.host.sandbox import run_in_root
-from imagesmith.inspect.verify import ScanContext, scan_tree
+from imagesmith.inspect import verify
+from imagesmith.inspect.verify import (
+    Baseline,
+    ContentFindings,
+    ScanContext,
+    scan_contents,
+    scan_tree,
+    secret_digest,
+)
 from imagesmith.tree.aptsources import write_image_sources
 from imagesmith.tree.initramfs import remove_initramfs_diversion
 
@@ -98,8 +115,42 @@ def scan_context(ctx: BuildContext) -> ScanContext:
     )
 
 
+def scan_baseline(ctx: BuildContext, scan: ScanContext) -> Baseline | None:
+    """With the tree an overlay of the cached package stage, what the content
+    scan found in that stage's files (scanned once per entry and set of
+    secrets, then remembered in the entry), and the files the build wrote:
+    only those are read again. None otherwise."""
+    if not ctx.tree_overlay or ctx.stage_cache is None:
+        return None
+    key = ctx.stage_cache.key
+    lower = stagecache.entry_dir(ctx.cache_dir, key) / stagecache.UNPACKED_DIR
+    memo = stagecache.scan_memo(ctx.cache_dir, key, scan_key(ctx, scan))
+    try:
+        known = ContentFindings.from_json(json.loads(memo.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        known = scan_contents(lower, scan)
+        with contextlib.suppress(OSError):  # only an optimisation
+            temp = memo.with_name(f"{entries.TEMP_PREFIX}{memo.name}-{os.getpid()}")
+            temp.write_text(json.dumps(known.to_json()))
+            os.replace(temp, memo)
+    return Baseline(known, overlay.written_files(ctx.overlay_scratch))
+
+
+def scan_key(ctx: BuildContext, scan: ScanContext) -> str:
+    """Names a content scan's inputs: the scan's code, and the secrets as
+    digests keyed with the host's hygiene key (no guess can be tested)."""
+    key = hygiene_key(ctx.cache_dir)
+    inputs = [
+        hashlib.sha256(Path(verify.__file__).read_bytes()).hexdigest(),
+        *sorted(secret_digest(s, key) for s in scan.secrets if s.strip()),
+    ]
+    return hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:32]
+
+
 def check_hygiene(ctx: BuildContext) -> None:
-    findings, waived = scan_tree(ctx.tree, scan_context(ctx))
+    scan = scan_context(ctx)
+    scan = dataclasses.replace(scan, baseline=scan_baseline(ctx, scan))
+    findings, waived = scan_tree(ctx.tree, scan)
     for finding in waived:
         reason, cls = ctx.image.waivers[finding.code]
         log.info(f"    waived by class {cls}: {finding.line()} ({reason})")
