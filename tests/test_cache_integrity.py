@@ -169,6 +169,19 @@ def test_prune_skips_an_entry_a_build_holds(tmp_path: Path) -> None:
     assert sorted((e.kind, e.name) for e in removed) == [("initramfs", "busy"), ("stage", "busy")]
 
 
+def test_cached_trees_are_for_root_only(tmp_path: Path) -> None:
+    """An entry holds a whole image: its shadow file, keys, and set-user-ID
+    programs no other user of the build host may read or run."""
+    cache = tmp_path / "cache"
+    (cache / "stages").mkdir(parents=True, mode=0o755)
+    with entries.new_entry(cache / "stages/k") as temp:
+        (temp / "root.tar").write_bytes(b"x")
+    with initramfs.locked(cache, "k"):
+        pass
+    for kind in ("stages", "initramfs"):
+        assert (cache / kind).stat().st_mode & 0o777 == 0o700, kind
+
+
 def test_prune_skips_a_stage_builds_have_mounted(tmp_path: Path) -> None:
     """A build whose tree is an overlay of the entry's unpacked tree shares
     it (any number of builds at once); prune leaves it until they are done."""

@@ -47,10 +47,20 @@ class CacheUse:
     remote: str = ""
 
 
+def private_kind_dir(kind_dir: Path) -> Path:
+    """`kind_dir`, made if missing, readable by root only: entries hold whole
+    image trees (shadow files, keys, set-user-ID programs of other
+    releases), which no other user of the build host may read or run."""
+    kind_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if kind_dir.stat().st_mode & 0o077:
+        os.chmod(kind_dir, 0o700)
+    return kind_dir
+
+
 @contextlib.contextmanager
 def locked(kind_dir: Path, key: str) -> Iterator[None]:
     """Hold the lock of `key` in `kind_dir` (made if missing) for the block."""
-    kind_dir.mkdir(parents=True, exist_ok=True)
+    private_kind_dir(kind_dir)
     with (kind_dir / f"{TEMP_PREFIX}{key}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
@@ -60,7 +70,7 @@ def locked(kind_dir: Path, key: str) -> Iterator[None]:
 def in_use(kind_dir: Path, key: str) -> Iterator[None]:
     """Share `key`'s entry for the block: any number of builds at once, while
     `remove_entry` (cache prune) waits for none of them and skips it."""
-    kind_dir.mkdir(parents=True, exist_ok=True)
+    private_kind_dir(kind_dir)
     with (kind_dir / f"{TEMP_PREFIX}{key}.use").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_SH)
         yield
@@ -109,7 +119,8 @@ def new_entry(final: Path, *, replace: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory; when the block succeeds, it becomes
     `final`. An entry another build stored first is kept, unless `replace`."""
     temp = final.with_name(f"{TEMP_PREFIX}{final.name}-{secrets.token_hex(4)}-{os.getpid()}")
-    temp.mkdir(parents=True)
+    private_kind_dir(final.parent)
+    temp.mkdir()
     try:
         yield temp
         if replace:
