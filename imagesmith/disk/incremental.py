@@ -23,14 +23,17 @@ makes the whole filesystem as before: loop devices are never required.
 
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagesmith.host.overlay import UpperLayer
 from imagesmith.host.run import run
 
 # Unallocated room for btrfs to put the changes in; holes in the file.
@@ -78,6 +81,39 @@ def changes(tree: Path, since: int, cached_paths: set[bytes]) -> Changes:
     changed = [path for path, (ctime, _) in state.items() if ctime >= since]
     removed = list(cached_paths - state.keys())  # host/copyin.py orders both
     return Changes(changed, removed, sum(state[path][1] for path in changed))
+
+
+def overlay_changes(tree: Path, upper: UpperLayer, cached_paths: set[bytes]) -> Changes | None:
+    """`changes()` read from an overlay's upper layer instead of a walk of
+    the whole tree: what the build wrote is there, and whiteouts say what it
+    removed. None where the upper layer cannot say it all: a written file
+    with other hard links (its other names are copied up only when looked
+    up), so the caller walks the tree."""
+    ordered = sorted(cached_paths)
+    # A removed directory goes with what was in it; a directory made anew
+    # (opaque) hides all its lower content, but for what the build wrote in it.
+    removed = {p for gone in upper.removed for p in [gone, *under(ordered, gone)]}
+    for directory in upper.opaque:
+        inside = upper.files | upper.directories
+        removed.update(p for p in under(ordered, directory) if p not in inside)
+    changed, changed_bytes = [*upper.directories], 0
+    top = os.fsencode(tree)
+    for path in upper.files:
+        st = os.lstat(top + b"/" + path)
+        if stat.S_ISREG(st.st_mode):
+            if st.st_nlink > 1:
+                return None
+            changed_bytes += st.st_size
+        changed.append(path)
+    return Changes(changed, sorted(removed & cached_paths), changed_bytes)
+
+
+def under(ordered: list[bytes], directory: bytes) -> list[bytes]:
+    """The paths below `directory` in the sorted list `ordered`."""
+    prefix = directory + b"/"
+    start = bisect.bisect_left(ordered, prefix)
+    end = bisect.bisect_left(ordered, directory + b"0")  # "0" sorts right after "/"
+    return ordered[start:end]
 
 
 def apply_changes(

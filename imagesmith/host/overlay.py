@@ -22,10 +22,12 @@ its own.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import stat
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from imagesmith.host.enter import MS_PRIVATE, MS_REC, mount
@@ -33,6 +35,7 @@ from imagesmith.host.enter import MS_PRIVATE, MS_REC, mount
 SWITCH = "IMAGESMITH_TREE_OVERLAY"
 CLONE_NEWNS = 0x00020000
 MNT_DETACH = 2
+OPAQUE = "trusted.overlay.opaque"
 # Characters overlayfs or the mount options would read as separators.
 UNSAFE_IN_PATH = set(",:\\=\n")
 
@@ -88,20 +91,43 @@ def upper_dir(scratch: Path) -> Path:
     return scratch / "upper"
 
 
-def written_files(scratch: Path) -> frozenset[str]:
-    """Relative paths of the files the build made or wrote in the overlay
-    (its upper layer), not directories and not whiteouts (removals)."""
-    top = os.fspath(upper_dir(scratch))
-    found: set[str] = set()
+@dataclass(frozen=True)
+class UpperLayer:
+    """What the build did to the tree, as the overlay's upper layer records
+    it (relative paths, as bytes)."""
+
+    files: frozenset[bytes]  # made or written: everything but directories
+    directories: frozenset[bytes]  # made, or changed, or holding a change
+    removed: frozenset[bytes]  # whiteouts: lower paths the build removed
+    opaque: frozenset[bytes]  # directories made anew: nothing of the lower one shows
+
+
+def upper_layer(scratch: Path) -> UpperLayer:
+    top = os.fsencode(upper_dir(scratch))
+    files, directories, removed, opaque = set(), set(), set(), set()
     pending = [top]
     while pending:
         with os.scandir(pending.pop()) as listing:
             for entry in listing:
+                rel = entry.path[len(top) + 1 :]
                 if entry.is_dir(follow_symlinks=False):
                     pending.append(entry.path)
+                    directories.add(rel)
+                    with contextlib.suppress(OSError):
+                        if os.getxattr(entry.path, OPAQUE, follow_symlinks=False) == b"y":
+                            opaque.add(rel)
                     continue
                 st = entry.stat(follow_symlinks=False)
                 if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                    continue  # a whiteout
-                found.add(entry.path[len(top) + 1 :])
-    return frozenset(found)
+                    removed.add(rel)
+                else:
+                    files.add(rel)
+    return UpperLayer(
+        frozenset(files), frozenset(directories), frozenset(removed), frozenset(opaque)
+    )
+
+
+def written_files(scratch: Path) -> frozenset[str]:
+    """Relative paths of the files the build made or wrote in the overlay,
+    not directories and not removals."""
+    return frozenset(os.fsdecode(path) for path in upper_layer(scratch).files)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from imagesmith.disk import incremental
 from imagesmith.disk.filesystems import make_btrfs_image, tree_size
 from imagesmith.disk.sparse import copy_sparse, sha256_file
 from imagesmith.errors import OUT_OF_SPACE, BuildError
+from imagesmith.host import overlay
 from imagesmith.host.background import in_background
 
 SWITCH = "IMAGESMITH_FILESYSTEM_CACHE"
@@ -105,8 +107,12 @@ def btrfs_from_base(ctx: BuildContext) -> int | None:
         return None
     root = ctx.layout.root
     try:
+        # What changed is listed while the copy may still be running.
+        found = listed_changes(ctx, fscache.recorded_paths(entry))
+        waited = time.monotonic()
         base = ctx.base_copy.result()
-        found = incremental.changes(ctx.tree, ctx.tree_mark, fscache.recorded_paths(entry))
+        waited = time.monotonic() - waited
+        applying = time.monotonic()
         if ctx.image.settings.size == AUTO_SIZE:
             size = base + int(found.changed_bytes * incremental.CHANGE_OVERHEAD) + incremental.SLACK
         elif base > root.size:
@@ -124,11 +130,23 @@ def btrfs_from_base(ctx: BuildContext) -> int | None:
             ctx.filesystem_cache = dataclasses.replace(ctx.filesystem_cache, hit=False)
         os.truncate(ctx.disk, root.start)  # nothing of the copy stays in the disk
         return None
+    applied = time.monotonic() - applying
     log.info(
-        f"    btrfs from the filesystem cache: {len(found.changed)} paths changed "
+        f"    btrfs from the filesystem cache ({waited:.1f}s waiting for its copy, "
+        f"{applied:.1f}s applying): {len(found.changed)} paths changed "
         f"({format_size(found.changed_bytes)}), {len(found.removed)} removed"
     )
     return size
+
+
+def listed_changes(ctx: BuildContext, cached_paths: set[bytes]) -> incremental.Changes:
+    """What the build changed in the tree: from the overlay's upper layer
+    when the tree is mounted, else (or when that cannot tell) by ctime."""
+    if ctx.tree_overlay:
+        upper = overlay.upper_layer(ctx.overlay_scratch)
+        if (found := incremental.overlay_changes(ctx.tree, upper, cached_paths)) is not None:
+            return found
+    return incremental.changes(ctx.tree, ctx.tree_mark, cached_paths)
 
 
 def copy_base(entry: Path, disk: Path, offset: int) -> int:
