@@ -1,12 +1,13 @@
 """Real builds through the stage and initramfs caches.
 
-One module fixture builds the example `server` image four times into a cache
+One module fixture builds the example `server` image five times into a cache
 of its own (the .debs come from the machine's shared .deb cache):
 
 1. first build: mmdebstrap runs, the stage and the initramfs are stored;
 2. one class file changed: the stage and the initramfs are reused;
 3. the same, with the initramfs cache off: update-initramfs runs;
-4. one package added: mmdebstrap runs again.
+4. one package added: apt installs it on the first build's stage;
+5. the same package set from mmdebstrap, to compare with.
 
 The tree is listed (paths, types, owners, modes, xattrs, contents) after the
 package stage and after finalise, so a reused stage is compared file by file
@@ -147,7 +148,14 @@ def cache_builds(tmp_path_factory: pytest.TempPathFactory) -> CacheBuilds:
         del os.environ["IMAGESMITH_NO_INITRAMFS_CACHE"]
     class_toml = space / "classes/example/class.toml"
     class_toml.write_text(class_toml.read_text().replace('"less"]', '"less", "tree"]'))
-    builds["new-package"] = build("new-package")
+    builds["new-package"] = build("new-package")  # made from the first build's stage
+    # The same package set from mmdebstrap, for comparison.
+    shutil.rmtree(cache / "stages" / builds["new-package"].manifest["caches"]["stage_cache"]["key"])
+    os.environ["IMAGESMITH_DERIVED_STAGES"] = "0"
+    try:
+        builds["new-package-fresh"] = build("new-package-fresh")
+    finally:
+        del os.environ["IMAGESMITH_DERIVED_STAGES"]
     return CacheBuilds(cache, builds)
 
 
@@ -203,14 +211,24 @@ def test_reused_initramfs_holds_what_a_fresh_one_holds(cache_builds: CacheBuilds
     assert rest[:4] == b"\x28\xb5\x2f\xfd"
 
 
-def test_added_package_rebuilds_the_stage(cache_builds: CacheBuilds) -> None:
-    added = cache_builds.builds["new-package"]
-    assert ran_mmdebstrap(added)
+def test_an_added_package_is_installed_on_the_cached_stage(cache_builds: CacheBuilds) -> None:
+    """A new key whose package set only adds to a cached stage's: apt installs
+    the added package on that tree, and the image is what mmdebstrap with
+    the whole set makes, package for package and file for file."""
+    first = cache_builds.builds["first"]
+    added, fresh = cache_builds.builds["new-package"], cache_builds.builds["new-package-fresh"]
+    assert not ran_mmdebstrap(added) and ran_mmdebstrap(fresh)
+    parent = first.manifest["caches"]["stage_cache"]["key"]
+    assert f"made from stage {parent}: installing 1 more: tree" in added.log
     caches = added.manifest["caches"]
     assert caches["stage_cache"]["hit"] is False
+    assert caches["stage_cache"]["key"] == fresh.manifest["caches"]["stage_cache"]["key"]
     assert caches["initramfs_cache"]["hit"] is False  # the dpkg status changed
+    assert added.manifest["packages"] == fresh.manifest["packages"]
     assert "usr/bin/tree" in added.listings["final"]
-    assert len(stage_entries(cache_builds.cache)) == 2
+    before, after = fresh.listings["final"], added.listings["final"]
+    differ = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    assert differ == [], differ
 
 
 def test_build_time_measures_do_not_ship(cache_builds: CacheBuilds) -> None:

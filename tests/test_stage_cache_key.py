@@ -9,6 +9,7 @@ policy.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -319,3 +320,28 @@ def test_parallel_builds_start_each_package_set_first(tmp_path: Path) -> None:
     loaded = load_config_space(space)
     images = [resolve_image(loaded, name) for name in "abcd"]
     assert [i.name for i in package_stages_first(images)] == ["a", "c", "b", "d"]
+
+
+def test_a_stage_is_made_from_the_closest_parent_with_only_packages_added(tmp_path: Path) -> None:
+    from imagesmith.cache import stages as stagecache
+
+    base = {"suite": "trixie", "mirror": "http://mirror/debian", "tool": "t", "debconf": ""}
+
+    def entry(key: str, packages: list[str], **changed: object) -> None:
+        folder = tmp_path / "stages" / key
+        folder.mkdir(parents=True)
+        (folder / stagecache.TREE_FILE).write_bytes(b"tar")
+        inputs = {**base, "packages": packages, "recommends": [], **changed}
+        (folder / stagecache.ENTRY_FILE).write_text(json.dumps({"inputs": inputs}))
+
+    entry("a" * 32, ["less", "ssh"])
+    entry("b" * 32, ["less", "ssh", "tree"])  # the closest
+    entry("c" * 32, ["less"], suite="bookworm")  # another suite
+    entry("d" * 32, ["less", "ssh", "tree", "other"])  # not a subset
+    entry("e" * 32, ["less", "ssh"], recommends=["ssh"])  # another Recommends choice
+    wanted = {**base, "packages": ["less", "ssh", "tree", "vim"], "recommends": []}
+    assert stagecache.parent_entry(tmp_path, wanted) == ("b" * 32, ["vim"])
+    many = {**wanted, "packages": ["less", "ssh", *(f"p{i}" for i in range(9))]}
+    assert stagecache.parent_entry(tmp_path, many) is None  # too many to add
+    with_recommends = {**wanted, "recommends": ["vim"]}
+    assert stagecache.parent_entry(tmp_path, with_recommends) is None

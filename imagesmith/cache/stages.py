@@ -61,6 +61,9 @@ ENTRY_FORMAT = 2
 # The tree's .debs live in the .deb cache already, and apt rebuilds its own
 # binary caches: neither belongs in an entry.
 TAR_EXCLUDES = ("./var/cache/apt/archives/*.deb", "./var/cache/apt/*.bin")
+# Key inputs a stage made from a parent stage may differ in (stages/derived.py).
+DERIVABLE = ("packages", "recommends")
+MAX_ADDED = 8
 TAR_OPTIONS = ("--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls")
 
 
@@ -118,6 +121,36 @@ def locked(cache_dir: Path, key: str) -> contextlib.AbstractContextManager[None]
 
 def has_entry(cache_dir: Path, key: str) -> bool:
     return (entry_dir(cache_dir, key) / TREE_FILE).is_file()
+
+
+def parent_entry(cache_dir: Path, inputs: Mapping[str, Any]) -> tuple[str, list[str]] | None:
+    """A cached stage this one can be made from by installing a few more
+    packages: every key input the same but the package set, which holds all
+    of the parent's and at most `MAX_ADDED` more, none of them with its
+    Recommends. The parent closest to this set, and the packages to add;
+    None when there is none. (A bigger addition, such as a desktop on a
+    server's stage, runs mmdebstrap: apt might choose alternatives otherwise
+    than for the whole set at once.)"""
+    wanted, recommends = set(inputs["packages"]), set(inputs["recommends"])
+    best: tuple[str, list[str]] | None = None
+    for entry in stages_dir(cache_dir).glob("[0-9a-f]*"):
+        try:
+            theirs = json.loads((entry / ENTRY_FILE).read_text())["inputs"]
+            packages = set(theirs["packages"])
+            same = all(theirs.get(k) == v for k, v in inputs.items() if k not in DERIVABLE)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not (
+            same
+            and packages < wanted
+            and len(wanted - packages) <= MAX_ADDED
+            and set(theirs["recommends"]) == recommends
+            and has_entry(cache_dir, entry.name)
+        ):
+            continue
+        if best is None or len(wanted - packages) < len(best[1]):
+            best = (entry.name, sorted(wanted - packages))
+    return best
 
 
 def restore_tree(cache_dir: Path, key: str, tree: Path) -> bool:

@@ -78,6 +78,14 @@ def setup_root(root: str, binds: list[tuple[str, str, bool]]) -> None:
         copy = f"{root}/run/imagesmith-resolv.conf"
         shutil.copyfile(HOST_RESOLV, copy)
         mount(copy, resolv, None, MS_BIND)
+    elif os.path.islink(resolv) and os.path.isfile(HOST_RESOLV):
+        # systemd-resolved's stub link into /run: this namespace's fresh
+        # tmpfs holds the copy there, and nothing outside /run is written.
+        target = os.readlink(resolv)
+        inside = os.path.normpath(target.lstrip("/") if target.startswith("/") else f"etc/{target}")
+        if inside.startswith("run/") and ".." not in inside.split("/"):
+            os.makedirs(os.path.dirname(f"{root}/{inside}"), exist_ok=True)
+            shutil.copyfile(HOST_RESOLV, f"{root}/{inside}")
     for source, target, readonly in binds:
         path = f"{root}/{target.lstrip('/')}"
         if os.path.isdir(source):

@@ -36,13 +36,15 @@ from imagesmith.cache.entries import CacheUse
 from imagesmith.cache.remote import STAGE
 from imagesmith.config.classes import class_layers
 from imagesmith.config.packages import package_name
+from imagesmith.config.space import ResolvedImage
 from imagesmith.context import BuildContext
 from imagesmith.errors import BuildError, ConfigError
 from imagesmith.host.aptsources import archive_mirror
 from imagesmith.host.run import run
 from imagesmith.host.sandbox import private_mounts_argv
-from imagesmith.stages import sharing
+from imagesmith.stages import derived, sharing
 from imagesmith.stages.cached_tree import restore_cached_tree
+from imagesmith.stages.derived import install_on_parent
 from imagesmith.tree import aptsources, initramfs
 from imagesmith.tree.aptsources import BuildSources, prepare_build_sources
 from imagesmith.tree.initramfs import DIVERT_INITRAMFS
@@ -118,8 +120,12 @@ def mmdebstrap_argv(ctx: BuildContext, mirror: str, sources: BuildSources) -> li
         argv.append(f'--essential-hook=chroot "$1" debconf-set-selections < {q}')
     if log.is_verbose():
         argv.append("--verbose")
-    mirror_line = f"deb {mirror} {s.suite} {' '.join(s.components)}"
-    return [*argv, s.suite, str(ctx.tree), mirror_line, *sources.lines]
+    return [*argv, s.suite, str(ctx.tree), mirror_line(mirror, image), *sources.lines]
+
+
+def mirror_line(mirror: str, image: ResolvedImage) -> str:
+    s = image.settings
+    return f"deb {mirror} {s.suite} {' '.join(s.components)}"
 
 
 # mmdebstrap's progress bar: "installing:   62.50 [#####.....]", or "done".
@@ -140,7 +146,12 @@ def report_progress(line: str) -> bool:
 def stage_tool_version() -> str:
     """This stage's code and the mmdebstrap script: a new version of either changes the key."""
     mmdebstrap = shutil.which("mmdebstrap") or "mmdebstrap"
-    code = [Path(__file__), Path(aptsources.__file__), Path(initramfs.__file__)]
+    code = [
+        Path(__file__),
+        Path(derived.__file__),
+        Path(aptsources.__file__),
+        Path(initramfs.__file__),
+    ]
     ours = hashlib.sha256(b"".join(p.read_bytes() for p in code)).hexdigest()[:16]
     theirs = hashlib.sha256(Path(mmdebstrap).read_bytes()).hexdigest()[:16]
     return f"imagesmith {__version__} bootstrap {ours}; mmdebstrap {theirs}"
@@ -168,18 +179,22 @@ def install_packages(ctx: BuildContext) -> None:
                 ctx.stage_cache = CacheUse(key, hit=True, remote=remote)
                 return
             log.info(f"    stage cache miss {key}")
-            log.info(f"    {len(image.packages)} packages from {mirror} ({image.settings.suite})")
             try:
-                # TMPDIR: mmdebstrap's own scratch (its gpg home) goes with the workdir.
-                run(
-                    private_mounts_argv(mmdebstrap_argv(ctx, mirror, sources)),
-                    what="mmdebstrap",
-                    env={"TMPDIR": str(ctx.workdir)},
-                    progress=report_progress,
-                )
+                parent = install_on_parent(ctx, inputs, mirror_line(mirror, image), sources)
+                if not parent:
+                    log.info(
+                        f"    {len(image.packages)} packages from {mirror} ({image.settings.suite})"
+                    )
+                    # TMPDIR: mmdebstrap's own scratch (its gpg home) goes with the workdir.
+                    run(
+                        private_mounts_argv(mmdebstrap_argv(ctx, mirror, sources)),
+                        what="mmdebstrap",
+                        env={"TMPDIR": str(ctx.workdir)},
+                        progress=report_progress,
+                    )
             except BuildError as e:
                 raise explain_apt_error(ctx, e) from e
-            info = {"image": image.name, "inputs": inputs}
+            info = {"image": image.name, "inputs": inputs, "parent": parent}
             stagecache.save_tree(ctx.cache_dir, key, ctx.tree, info)
             remote = sharing.push(ctx, key, STAGE, remote)
         ctx.stage_cache = CacheUse(key, hit=False, remote=remote)

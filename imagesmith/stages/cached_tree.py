@@ -18,6 +18,12 @@ def restore_cached_tree(ctx: BuildContext, key: str) -> bool:
     """The cached tree of `key` as the build's tree: mounted as an overlay
     where that can be done (host/overlay.py), else extracted; False on a
     miss. The caller holds the key's lock."""
+    if restored := mount_or_extract(ctx, key):
+        ctx.tree_key = key
+    return restored
+
+
+def mount_or_extract(ctx: BuildContext, key: str) -> bool:
     if not (
         overlay.usable(ctx.cache_dir, ctx.workdir) and stagecache.has_entry(ctx.cache_dir, key)
     ):

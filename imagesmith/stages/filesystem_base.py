@@ -25,7 +25,7 @@ from imagesmith import log
 from imagesmith.cache import entries
 from imagesmith.cache import filesystems as fscache
 from imagesmith.cache.entries import CacheUse
-from imagesmith.cache.stages import TREE_FILE
+from imagesmith.cache.stages import TREE_FILE, UNPACKED_DIR
 from imagesmith.cache.stages import entry_dir as stage_entry_dir
 from imagesmith.config.settings import AUTO_SIZE, format_size
 from imagesmith.context import BuildContext
@@ -43,13 +43,13 @@ def prepare_filesystem_base(ctx: BuildContext) -> None:
     if (
         ctx.image.target != "disk"
         or ctx.layout.root.filesystem != "btrfs"
-        or ctx.stage_cache is None
-        or not ctx.stage_cache.hit
+        or not ctx.tree_key
+        or (ctx.stage_parent and not ctx.tree_overlay)  # no pristine tree to make it from
         or os.environ.get(SWITCH) == "0"
     ):
         return
     label = ctx.layout.root.label
-    key = fscache.filesystem_key(ctx.stage_cache.key, label=label, tool=fscache.mkfs_version())
+    key = fscache.filesystem_key(ctx.tree_key, label=label, tool=fscache.mkfs_version())
     with fscache.locked(ctx.cache_dir, key):
         entry = fscache.usable_entry(ctx.cache_dir, key)
         ctx.filesystem_cache = CacheUse(key, hit=entry is not None)
@@ -61,7 +61,7 @@ def prepare_filesystem_base(ctx: BuildContext) -> None:
     if entry is None:
         return
     ctx.filesystem_base = entry
-    ctx.tree_mark = incremental.mark(ctx.workdir)
+    ctx.tree_mark = ctx.tree_mark or incremental.mark(ctx.workdir)
     # Copied into the disk, at the root's offset, while the classes work.
     ctx.base_copy = in_background(copy_base, entry, ctx.disk, ctx.layout.root.start)
 
@@ -72,9 +72,14 @@ def make_base(ctx: BuildContext, key: str) -> Path | None:
     try:
         with fscache.new_filesystem(ctx.cache_dir, key, {"uuid": part.fs_uuid}) as temp:
             image = temp / fscache.IMAGE_FILE
+            # The cached tree itself where it is mounted: a stage made from
+            # a parent has changed the build's view of it already.
+            pristine = ctx.tree
+            if ctx.tree_overlay:
+                pristine = stage_entry_dir(ctx.cache_dir, ctx.tree_key) / UNPACKED_DIR
             with log.watch_growth("mkfs.btrfs", image, content_estimate(ctx)):
-                make_btrfs_image(image, part, ctx.tree, size=None)
-            paths = incremental.tree_state(ctx.tree)
+                make_btrfs_image(image, part, pristine, size=None)
+            paths = incremental.tree_state(pristine)
             (temp / fscache.PATHS_FILE).write_bytes(b"\0".join(sorted(paths)))
     except (BuildError, OSError) as e:
         entries.warn_not_saved("the package stage's btrfs", final, reason(e))

@@ -120,9 +120,9 @@ def scan_baseline(ctx: BuildContext, scan: ScanContext) -> Baseline | None:
     scan found in that stage's files (scanned once per entry and set of
     secrets, then remembered in the entry), and the files the build wrote:
     only those are read again. None otherwise."""
-    if not ctx.tree_overlay or ctx.stage_cache is None:
+    if not ctx.tree_overlay or not ctx.tree_key:
         return None
-    key = ctx.stage_cache.key
+    key = ctx.tree_key
     lower = stagecache.entry_dir(ctx.cache_dir, key) / stagecache.UNPACKED_DIR
     memo = stagecache.scan_memo(ctx.cache_dir, key, scan_key(ctx, scan))
     try:
