@@ -43,10 +43,9 @@ class BuildContext:
     stage_cache: CacheUse | None = None
     tree_overlay: bool = False  # bootstrap: the tree is the cached one, mounted (host/overlay.py)
     # bootstrap -> filesystem base, finalise: the stage entry the tree was
-    # restored from, and for a stage made from a parent stage (derived.py),
-    # the parent's key: its cached btrfs and scan are what the build changes.
+    # restored from; for a stage made from a parent stage (derived.py), the
+    # parent's key: its cached btrfs and scan are what the build changes.
     tree_key: str = ""
-    stage_parent: str = ""
     initramfs_cache: CacheUse | None = None
     # filesystem base -> assemble: the cached btrfs of the package stage's tree,
     # the ctime mark after which the tree differs from it, and its copy being

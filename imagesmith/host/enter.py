@@ -21,7 +21,7 @@ import sys
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 
-_libc = ctypes.CDLL(None, use_errno=True)
+LIBC = ctypes.CDLL(None, use_errno=True)
 HOST_RESOLV = "/etc/resolv.conf"
 
 DEVICES = {  # name: (major, minor)
@@ -31,7 +31,7 @@ DEVICES = {  # name: (major, minor)
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int, data: str = "") -> None:
-    rc = _libc.mount(
+    rc = LIBC.mount(
         source.encode(), target.encode(), fstype.encode() if fstype else None,
         ctypes.c_ulong(flags), data.encode() if data else None,
     )  # fmt: skip

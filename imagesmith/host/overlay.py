@@ -23,14 +23,13 @@ its own.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagesmith.host.enter import MS_PRIVATE, MS_REC, mount
+from imagesmith.host.enter import LIBC, MS_PRIVATE, MS_REC, mount
 
 SWITCH = "IMAGESMITH_TREE_OVERLAY"
 CLONE_NEWNS = 0x00020000
@@ -39,7 +38,6 @@ OPAQUE = "trusted.overlay.opaque"
 # Characters overlayfs or the mount options would read as separators.
 UNSAFE_IN_PATH = set(",:\\=\n")
 
-_libc = ctypes.CDLL(None, use_errno=True)
 _private = False
 
 
@@ -52,7 +50,7 @@ def enter_private_namespace() -> bool:
         return True
     if os.environ.get(SWITCH) == "0" or threading.active_count() > 1:
         return False
-    if _libc.unshare(CLONE_NEWNS) != 0:
+    if LIBC.unshare(CLONE_NEWNS) != 0:
         return False
     try:
         mount("none", "/", None, MS_REC | MS_PRIVATE)
@@ -84,7 +82,7 @@ def mount_overlay(lower: Path, scratch: Path, target: Path) -> None:
 
 def unmount(target: Path) -> None:
     """Detach the overlay at `target` (no error when nothing is mounted)."""
-    _libc.umount2(os.fspath(target).encode(), MNT_DETACH)
+    LIBC.umount2(os.fspath(target).encode(), MNT_DETACH)
 
 
 def upper_dir(scratch: Path) -> Path:

@@ -95,5 +95,4 @@ def install_on_parent(
             + [(apt_dir, APT_IN_ROOT)],
             what=f"apt-get {step[0]} (the added packages)",
         )
-    ctx.stage_parent = parent
     return parent

@@ -44,7 +44,8 @@ def prepare_filesystem_base(ctx: BuildContext) -> None:
         ctx.image.target != "disk"
         or ctx.layout.root.filesystem != "btrfs"
         or not ctx.tree_key
-        or (ctx.stage_parent and not ctx.tree_overlay)  # no pristine tree to make it from
+        # A stage made from a parent, extracted: no pristine copy to make it from.
+        or (not ctx.tree_overlay and ctx.stage_cache is not None and not ctx.stage_cache.hit)
         or os.environ.get(SWITCH) == "0"
     ):
         return
