@@ -54,6 +54,9 @@ class BuildContext:
     filesystem_cache: CacheUse | None = None  # -> manifest; hit: the root was made from it
     tree_mark: int = 0
     base_copy: Future[int] | None = None
+    # The cached btrfs's metadata, retuned, to apply the changes to (disk/incremental.py).
+    base_metadata: Future[Path | None] | None = None
+    base_overlay: Path | None = None  # ...changed, to lay over the copy
     # boot setup -> manifest
     kernel_version: str = ""
     # finalise -> manifest

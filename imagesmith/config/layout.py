@@ -37,6 +37,7 @@ SECTOR = 512
 ALIGN = MiB
 # Primary GPT: protective MBR + header + 128 entries of 128 bytes = 34 sectors;
 # 1 MiB free at the start covers it. The backup GPT at the end takes 33.
+GPT_PRIMARY_SIZE = 34 * 512
 GPT_BACKUP_SIZE = 33 * 512
 # systemd-repart's grain: it grows a partition to the last 4 KiB boundary.
 END_ALIGN = 4096

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from imagesmith.config.layout import Partition
@@ -35,20 +36,31 @@ def tree_size(path: Path) -> int:
 
 
 def make_esp(disk: Path, esp: Partition, tree: Path) -> None:
-    run(
-        [
-            "mkfs.vfat", "-F", "32", "-s", "1", "-n", esp.label, "-i", esp.fs_uuid,
-            f"--offset={esp.start_sector}", os.fspath(disk), str(esp.size // 1024),
-        ],
-        what="mkfs.vfat (ESP)",
-    )  # fmt: skip
-    entries = sorted(tree.iterdir()) if tree.is_dir() else []
-    if entries:
+    """The ESP, a FAT32 holding `tree`, into its partition of `disk`. Made in
+    a file of its own beside the disk and copied in: mkfs.vfat syncs the file
+    it writes, which would wait for a root still being copied into the disk."""
+    fd, name = tempfile.mkstemp(prefix=".esp-", dir=disk.parent)
+    image = Path(name)
+    try:
+        os.ftruncate(fd, esp.size)
+        os.close(fd)
         run(
-            ["mcopy", "-s", "-p", "-m", "-i", f"{os.fspath(disk)}@@{esp.start}", *map(os.fspath, entries), "::/"],
-            env={"MTOOLS_SKIP_CHECK": "1"},
-            what="mcopy (ESP)",
+            [
+                "mkfs.vfat", "-F", "32", "-s", "1", "-n", esp.label, "-i", esp.fs_uuid,
+                os.fspath(image), str(esp.size // 1024),
+            ],
+            what="mkfs.vfat (ESP)",
         )  # fmt: skip
+        entries = sorted(tree.iterdir()) if tree.is_dir() else []
+        if entries:
+            run(
+                ["mcopy", "-s", "-p", "-m", "-i", os.fspath(image), *map(os.fspath, entries), "::/"],
+                env={"MTOOLS_SKIP_CHECK": "1"},
+                what="mcopy (ESP)",
+            )  # fmt: skip
+        copy_sparse(image, disk, offset=esp.start)
+    finally:
+        image.unlink(missing_ok=True)
 
 
 def make_ext4(disk: Path, part: Partition, tree: Path) -> None:

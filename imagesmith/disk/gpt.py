@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
-from imagesmith.config.layout import DiskLayout
+from imagesmith.config.layout import GPT_BACKUP_SIZE, GPT_PRIMARY_SIZE, DiskLayout
 from imagesmith.host.run import run
 
 
@@ -21,11 +22,29 @@ def sfdisk_script(layout: DiskLayout) -> str:
 
 def write_partition_table(disk: Path, layout: DiskLayout) -> None:
     """The GPT (and protective MBR) of `layout` in `disk`, made that long;
-    what the file already holds elsewhere (a root placed early) stays."""
+    what the file already holds elsewhere (a root placed early) stays.
+
+    sfdisk writes it on an empty file of the disk's size beside it, then
+    its sectors are copied in: sfdisk probes and syncs the file it is given,
+    which waits for a root still being copied into the disk (1.5 s for a
+    desktop's), and it never reads the disk this way."""
     with disk.open("ab") as f:
         f.truncate(layout.size)
-    run(
-        ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", os.fspath(disk)],
-        input=sfdisk_script(layout).encode(),
-        what="sfdisk",
-    )
+    fd, name = tempfile.mkstemp(prefix=".gpt-", dir=disk.parent)
+    table = Path(name)
+    try:
+        os.ftruncate(fd, layout.size)
+        os.close(fd)
+        run(
+            ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", os.fspath(table)],
+            input=sfdisk_script(layout).encode(),
+            what="sfdisk",
+        )
+        with table.open("rb") as source, disk.open("r+b") as target:
+            for start, length in (
+                (0, GPT_PRIMARY_SIZE),
+                (layout.size - GPT_BACKUP_SIZE, GPT_BACKUP_SIZE),
+            ):
+                os.pwrite(target.fileno(), os.pread(source.fileno(), length, start), start)
+    finally:
+        table.unlink(missing_ok=True)

@@ -3,19 +3,36 @@ and hashes that never read them."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+from imagesmith.host.enter import LIBC
+from imagesmith.host.run import run
 
 CHUNK = 8 * 1024 * 1024
 HASH_CHUNK = 4 * 1024 * 1024
 ZEROS = memoryview(bytes(HASH_CHUNK))
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 
 
 def copy_sparse(source: Path, target: Path, *, offset: int) -> None:
     """Copy the data regions of `source` into `target` at `offset`, skipping holes."""
     copy_sparse_range(source, target, src_offset=0, length=source.stat().st_size, dst_offset=offset)
+
+
+def copy_sparse_apart(source: Path, target: Path, *, offset: int) -> None:
+    """`copy_sparse` in a child process: a copy in a thread of a busy
+    process takes twice as long, waiting for the interpreter's lock after
+    each of its many system calls."""
+    run(
+        [sys.executable, "-m", "imagesmith.disk.sparse", source, target, str(offset)],
+        what=f"copying {source}",
+    )
 
 
 def copy_sparse_range(
@@ -24,20 +41,19 @@ def copy_sparse_range(
     """Copy `length` bytes of `source` from `src_offset` to `target` at
     `dst_offset`, skipping holes so sparse files stay sparse."""
     with source.open("rb") as src, target.open("r+b") as dst:
-        end = src_offset + length
-        position = src_offset
-        while position < end:
-            try:
-                data = os.lseek(src.fileno(), position, os.SEEK_DATA)
-            except OSError:  # no more data after position
-                break
-            if data >= end:
-                break
-            hole = min(os.lseek(src.fileno(), data, os.SEEK_HOLE), end)
+        for data, hole in data_regions(src.fileno(), src_offset, src_offset + length):
             copy_range(
                 src.fileno(), dst.fileno(), data, dst_offset + data - src_offset, hole - data
             )
-            position = hole
+
+
+def punch_hole(path: Path, offset: int, length: int) -> None:
+    """Make `length` bytes of the file from `offset` a hole (zeros, no blocks)."""
+    with path.open("r+b") as f:
+        mode = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+        if LIBC.fallocate(f.fileno(), mode, ctypes.c_int64(offset), ctypes.c_int64(length)):
+            error = ctypes.get_errno()
+            raise OSError(error, f"punching a hole in {path}: {os.strerror(error)}")
 
 
 def copy_range(src: int, dst: int, src_pos: int, dst_pos: int, length: int) -> None:
@@ -78,27 +94,67 @@ def sha256_with_placed(disk: Path, offset: int, image: Path) -> str:
     return digest.hexdigest()
 
 
-def hash_range(digest: hashlib._Hash, fd: int, start: int, end: int) -> None:
-    """Feed bytes [start, end) of the open file to `digest`, holes from memory."""
+def sha256_with_overlay(disk: Path, offset: int, base: Path, overlay: Path) -> str:
+    """The SHA-256 `disk` will have once `base` is copied into it at
+    `offset` and the data regions of `overlay` (holes elsewhere) are copied
+    over that: `disk`'s own bytes before `offset` and after the overlay's
+    end, where the overlay has data its bytes, elsewhere `base`'s (zeros past
+    its end). Computed from the files as they are, while the copies run."""
+    digest = hashlib.sha256()
+    with disk.open("rb") as d, base.open("rb") as b, overlay.open("rb") as o:
+        size = os.fstat(d.fileno()).st_size
+        base_size, length = os.fstat(b.fileno()).st_size, os.fstat(o.fileno()).st_size
+
+        def from_base(start: int, end: int) -> None:
+            hash_range(digest, b.fileno(), start, min(end, base_size))
+            hash_zeros(digest, end - max(start, base_size))
+
+        hash_range(digest, d.fileno(), 0, offset)
+        position = 0
+        for start, end in data_regions(o.fileno(), 0, length):
+            from_base(position, start)
+            hash_range(digest, o.fileno(), start, end)
+            position = end
+        from_base(position, length)
+        hash_range(digest, d.fileno(), offset + length, size)
+    return digest.hexdigest()
+
+
+def data_regions(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The (start, end) ranges of the open file between `start` and `end`
+    that are data, not holes."""
     position = start
     while position < end:
         try:
-            data = min(os.lseek(fd, position, os.SEEK_DATA), end)
+            data = os.lseek(fd, position, os.SEEK_DATA)
         except OSError:  # ENXIO: only a hole from here to the end
-            data = end
-        while position < data:
-            n = min(HASH_CHUNK, data - position)
-            digest.update(ZEROS[:n])
-            position += n
-        if position >= end:
-            break
-        hole = min(os.lseek(fd, position, os.SEEK_HOLE), end)
-        while position < hole:
-            chunk = os.pread(fd, min(HASH_CHUNK, hole - position), position)
+            return
+        if data >= end:
+            return
+        position = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, position
+
+
+def hash_zeros(digest: hashlib._Hash, count: int) -> None:
+    while count > 0:
+        n = min(HASH_CHUNK, count)
+        digest.update(ZEROS[:n])
+        count -= n
+
+
+def hash_range(digest: hashlib._Hash, fd: int, start: int, end: int) -> None:
+    """Feed bytes [start, end) of the open file to `digest`, holes from memory."""
+    position = start
+    for data, hole in data_regions(fd, start, end):
+        hash_zeros(digest, data - position)
+        while data < hole:
+            chunk = os.pread(fd, min(HASH_CHUNK, hole - data), data)
             if not chunk:
-                raise OSError(f"short read at offset {position}")
+                raise OSError(f"short read at offset {data}")
             digest.update(chunk)
-            position += len(chunk)
+            data += len(chunk)
+        position = hole
+    hash_zeros(digest, end - position)
 
 
 def largest_file_problem(directory: Path, size: int) -> str:
@@ -127,3 +183,7 @@ def largest_file_problem(directory: Path, size: int) -> str:
         os.close(fd)
         probe.unlink()
     return ""
+
+
+if __name__ == "__main__":  # copy_sparse_apart's child: SOURCE TARGET OFFSET
+    copy_sparse(Path(sys.argv[1]), Path(sys.argv[2]), offset=int(sys.argv[3]))

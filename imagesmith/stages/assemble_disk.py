@@ -34,7 +34,11 @@ from imagesmith.disk.gpt import write_partition_table
 from imagesmith.disk.sparse import sha256_with_placed
 from imagesmith.errors import ConfigError
 from imagesmith.host.background import in_background
-from imagesmith.stages.filesystem_base import btrfs_from_base, content_estimate
+from imagesmith.stages.filesystem_base import (
+    btrfs_from_base,
+    content_estimate,
+    finish_btrfs_from_base,
+)
 
 # ext4/btrfs metadata and slack on top of the files themselves.
 FS_OVERHEAD = 1.15
@@ -123,6 +127,12 @@ def assemble_disk(ctx: BuildContext) -> None:
                 ctx.disk, bios_boot, ctx.bios_dir / "boot.img", ctx.bios_dir / "core.img"
             )
         if layout.root.filesystem == "btrfs":
+            if placed and not finish_btrfs_from_base(ctx):
+                placed = False
+                with log.watch_growth("mkfs.btrfs", btrfs, content_estimate(ctx)):
+                    made = make_btrfs_image(btrfs, layout.root, ctx.tree, size=layout.root.size)
+                if made > layout.root.size:
+                    raise too_small(ctx, made)
             if not placed:
                 place_btrfs(ctx, btrfs)
         else:

@@ -31,7 +31,13 @@ from imagesmith.config.settings import AUTO_SIZE, format_size
 from imagesmith.context import BuildContext
 from imagesmith.disk import incremental
 from imagesmith.disk.filesystems import make_btrfs_image, tree_size
-from imagesmith.disk.sparse import copy_sparse, sha256_file
+from imagesmith.disk.sparse import (
+    copy_sparse,
+    copy_sparse_apart,
+    punch_hole,
+    sha256_file,
+    sha256_with_overlay,
+)
 from imagesmith.errors import OUT_OF_SPACE, BuildError
 from imagesmith.host import overlay
 from imagesmith.host.background import in_background
@@ -63,8 +69,12 @@ def prepare_filesystem_base(ctx: BuildContext) -> None:
         return
     ctx.filesystem_base = entry
     ctx.tree_mark = ctx.tree_mark or incremental.mark(ctx.workdir)
-    # Copied into the disk, at the root's offset, while the classes work.
+    # Copied into the disk, at the root's offset, while the classes work,
+    # and its metadata apart, given this build's UUID, for the changes.
     ctx.base_copy = in_background(copy_base, entry, ctx.disk, ctx.layout.root.start)
+    ctx.base_metadata = in_background(
+        base_metadata, entry, ctx.workdir / "root-metadata.btrfs", ctx.layout.root.fs_uuid
+    )
 
 
 def make_base(ctx: BuildContext, key: str) -> Path | None:
@@ -104,19 +114,29 @@ def content_estimate(ctx: BuildContext) -> int:
 
 
 def btrfs_from_base(ctx: BuildContext) -> int | None:
-    """The root btrfs made in the disk, at its offset, from the cached one and
-    the build's changes; its size. None when there is no cached one, or it
-    could not be used (said in a warning): the caller then makes the whole
-    filesystem."""
+    """The root btrfs from the cached one and the build's changes; its size.
+    The changes go to the retuned copy of its metadata, laid over the copy
+    of the whole by `finish_btrfs_from_base` once the disk's partition table
+    is written; without one, to the copy in the disk itself. None when there
+    is no cached one, or it could not be used (said in a warning): the
+    caller then makes the whole filesystem."""
     entry = ctx.filesystem_base
-    if entry is None or ctx.base_copy is None:
+    if entry is None or ctx.base_copy is None or ctx.base_metadata is None:
         return None
     root = ctx.layout.root
     try:
-        # What changed is listed while the copy may still be running.
+        # What changed is listed while the copies may still be running.
         found = listed_changes(ctx, fscache.recorded_paths(entry))
         waited = time.monotonic()
-        base = ctx.base_copy.result()
+        try:
+            metadata = ctx.base_metadata.result()
+        except (BuildError, OSError) as e:
+            log.debug(f"    the cached btrfs's metadata could not be copied apart ({reason(e)})")
+            metadata = None
+        target, offset, uuid = (
+            (metadata, 0, "") if metadata else (ctx.disk, root.start, root.fs_uuid)
+        )
+        base = (entry / fscache.IMAGE_FILE).stat().st_size if metadata else ctx.base_copy.result()
         waited = time.monotonic() - waited
         applying = time.monotonic()
         if ctx.image.settings.size == AUTO_SIZE:
@@ -125,24 +145,74 @@ def btrfs_from_base(ctx: BuildContext) -> int | None:
             raise BuildError(f"the cached btrfs alone ({format_size(base)}) does not fit")
         else:
             size = root.size
-        incremental.apply_changes(
-            ctx.disk, root.start, ctx.tree, found, size=size, uuid=root.fs_uuid
-        )
+        incremental.apply_changes(target, offset, ctx.tree, found, size=size, uuid=uuid)
+        if metadata:
+            if ctx.disk.stat().st_size < root.start + size:
+                os.truncate(ctx.disk, root.start + size)
+            ctx.base_overlay = metadata
     except (BuildError, OSError) as e:
         if isinstance(e, OSError) and e.errno in OUT_OF_SPACE:
             raise
-        log.warn(f"the cached btrfs could not be used ({reason(e)}); making the whole filesystem")
-        if ctx.filesystem_cache is not None:
-            ctx.filesystem_cache = dataclasses.replace(ctx.filesystem_cache, hit=False)
-        os.truncate(ctx.disk, root.start)  # nothing of the copy stays in the disk
+        give_up_base(ctx, e)
         return None
     applied = time.monotonic() - applying
     log.info(
-        f"    btrfs from the filesystem cache ({waited:.1f}s waiting for its copy, "
-        f"{applied:.1f}s applying): {len(found.changed)} paths changed "
-        f"({format_size(found.changed_bytes)}), {len(found.removed)} removed"
+        f"    btrfs from the filesystem cache ({waited:.1f}s waiting for its "
+        f"{'metadata' if metadata else 'copy'}, {applied:.1f}s applying): {len(found.changed)} "
+        f"paths changed ({format_size(found.changed_bytes)}), {len(found.removed)} removed"
     )
     return size
+
+
+def give_up_base(ctx: BuildContext, error: BuildError | OSError, *, placed: bool = False) -> None:
+    """Warn, and take what was copied of the cached btrfs out of the disk:
+    all after the root's start, or once the partition table is `placed`,
+    the root partition's bytes alone."""
+    log.warn(f"the cached btrfs could not be used ({reason(error)}); making the whole filesystem")
+    if ctx.filesystem_cache is not None:
+        ctx.filesystem_cache = dataclasses.replace(ctx.filesystem_cache, hit=False)
+    ctx.base_overlay = None
+    if ctx.base_copy is not None:  # nothing of the copy may land in the disk after this
+        with contextlib.suppress(BuildError, OSError):
+            ctx.base_copy.result()
+    root = ctx.layout.root
+    if placed:
+        punch_hole(ctx.disk, root.start, root.size)
+    else:
+        os.truncate(ctx.disk, root.start)
+
+
+def finish_btrfs_from_base(ctx: BuildContext) -> bool:
+    """Lay the changed metadata over the copy of the cached btrfs, once the
+    copy is done; the raw disk's SHA-256 is computed from the pieces
+    meanwhile. False when the copy failed (its entry is discarded, said in a
+    warning): the caller makes the whole filesystem."""
+    overlay, root = ctx.base_overlay, ctx.layout.root
+    if overlay is None or ctx.base_copy is None or ctx.filesystem_base is None:
+        return True
+    base = ctx.filesystem_base / fscache.IMAGE_FILE
+    digest = None
+    if ctx.disk_file is not None:
+        digest = in_background(sha256_with_overlay, ctx.disk, root.start, base, overlay)
+    try:
+        try:
+            ctx.base_copy.result()
+            copy_sparse(overlay, ctx.disk, offset=root.start)
+        finally:
+            hashed = None
+            if digest is not None:
+                with contextlib.suppress(BuildError, OSError):
+                    hashed = digest.result()
+    except (BuildError, OSError) as e:
+        if isinstance(e, OSError) and e.errno in OUT_OF_SPACE:
+            raise
+        give_up_base(ctx, e, placed=True)
+        return False
+    finally:
+        overlay.unlink(missing_ok=True)
+    if digest is not None:
+        ctx.output_sha256["raw"] = hashed or digest.result()  # its error, if it failed
+    return True
 
 
 def listed_changes(ctx: BuildContext, cached_paths: set[bytes]) -> incremental.Changes:
@@ -155,16 +225,27 @@ def listed_changes(ctx: BuildContext, cached_paths: set[bytes]) -> incremental.C
     return incremental.changes(ctx.tree, ctx.tree_mark, cached_paths)
 
 
+def base_metadata(entry: Path, target: Path, uuid: str) -> Path | None:
+    """The cached btrfs's metadata alone in `target`, with the filesystem
+    UUID `uuid` (disk/incremental.py); None when it cannot be had so."""
+    return target if incremental.metadata_copy(entry / fscache.IMAGE_FILE, target, uuid) else None
+
+
 def copy_base(entry: Path, disk: Path, offset: int) -> int:
-    """Copy the entry's filesystem into `disk` at `offset`, hashing it on the
-    way (a second reader on another core); its size. A mismatch discards the
-    entry."""
+    """Copy the entry's filesystem into `disk` at `offset` (in a child
+    process), hashing it on the way (a second reader on another core) unless
+    it matched its SHA-256 before and nothing wrote it since; its size. A
+    mismatch discards the entry."""
     source = entry / fscache.IMAGE_FILE
     size = source.stat().st_size
-    digest = in_background(sha256_file, source)  # its holes are hashed from memory
+    digest = None
+    if not entries.verified_since(entry, fscache.IMAGE_FILE):
+        digest = in_background(sha256_file, source)  # its holes are hashed from memory
     disk.touch()
-    copy_sparse(source, disk, offset=offset)
-    if problem := entries.digest_problem(entry, {fscache.IMAGE_FILE: digest.result()}):
-        entries.discard(entry, problem)
-        raise BuildError(f"cache entry {entry}: {problem}")
+    copy_sparse_apart(source, disk, offset=offset)
+    if digest is not None:
+        if problem := entries.digest_problem(entry, {fscache.IMAGE_FILE: digest.result()}):
+            entries.discard(entry, problem)
+            raise BuildError(f"cache entry {entry}: {problem}")
+        entries.note_verified(entry, fscache.IMAGE_FILE)
     return size
