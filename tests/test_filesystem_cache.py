@@ -5,8 +5,9 @@ btrfs plus the build's changes is the filesystem a whole mkfs makes.
   owners, xattrs, hard links, fifos, a directory turned symlink and back,
   removals) arrives, and a symlink in the image that points at a host path
   leads nowhere outside the image;
-- a real build: the example's btrfs server from the cache and made whole,
-  same seed, hold the same files, and the UUID is this build's.
+- a real build: the example's btrfs server, and its ext4 server, from the
+  cache and made whole, same seed, hold the same files, the UUID is this
+  build's, and the filesystem checker finds nothing wrong.
 """
 
 from __future__ import annotations
@@ -146,24 +147,34 @@ def describe_tree(tree: Path) -> dict[str, list[object]]:
     return json.loads(result.stdout)
 
 
+def fsck(raw: Path, offset: int, size: int, filesystem: str) -> subprocess.CompletedProcess[str]:
+    """The filesystem checker, read-only, on `size` bytes of `raw` at `offset`."""
+    check = {"btrfs": "btrfs check --readonly", "ext4": "e2fsck -fn"}[filesystem]
+    script = f'set -e; d=$(losetup -r -f --show -o {offset} --sizelimit {size} "$1"); ' + (
+        f'{check} "$d"; s=$?; losetup -d "$d"; exit $s'
+    )
+    return subprocess.run(["sh", "-c", script, "sh", raw], capture_output=True, text=True)
+
+
 @pytest.mark.build
-def test_btrfs_from_the_filesystem_cache_matches_a_whole_mkfs(
-    built_examples: Path, tmp_path: Path
+@pytest.mark.parametrize("image", ["server-btrfs", "server"])
+def test_a_root_from_the_filesystem_cache_matches_a_whole_mkfs(
+    built_examples: Path, tmp_path: Path, image: str
 ) -> None:
     outputs = {}
     for name, switch in (("cached", "1"), ("whole", "0")):
         out = tmp_path / name
         result = imagesmith(
-            "build", "-C", EXAMPLES, "-o", out, "--uuid-seed", "same", "server-btrfs",
+            "build", "-C", EXAMPLES, "-o", out, "--uuid-seed", "same", image,
             env={**os.environ, "IMAGESMITH_FILESYSTEM_CACHE": switch},
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         from_cache = re.search(
-            r"btrfs from the filesystem cache \(.*?\): (\d+) paths changed", result.stderr
+            r"(btrfs|ext4) from the filesystem cache \(.*?\): (\d+) paths changed", result.stderr
         )
         assert bool(from_cache) == (switch == "1"), result.stderr[-3000:]
-        outputs[name] = out / "server-btrfs.raw"
-    manifest = json.loads((tmp_path / "cached/server-btrfs.manifest.json").read_text())
+        outputs[name] = out / f"{image}.raw"
+    manifest = json.loads((tmp_path / f"cached/{image}.manifest.json").read_text())
     root = manifest["disk"]["partitions"][-1]
     cached = describe(outputs["cached"], offset=root["start"])
     whole = describe(outputs["whole"], offset=root["start"])
@@ -177,8 +188,10 @@ def test_btrfs_from_the_filesystem_cache_matches_a_whole_mkfs(
         capture_output=True, text=True,
     )  # fmt: skip
     assert blkid.stdout.strip() == root["fs_uuid"]
-    # Hashed from the pieces while they were copied, not read back: the
-    # same as reading the file.
+    checked = fsck(outputs["cached"], root["start"], root["size"], root["filesystem"])
+    assert checked.returncode == 0, (checked.stdout + checked.stderr)[-3000:]
+    # Hashed from the pieces while they were copied (btrfs), or as written:
+    # the same as reading the file.
     assert manifest["outputs"]["raw"]["sha256"] == sha256_file(outputs["cached"])
 
 

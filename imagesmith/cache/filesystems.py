@@ -1,17 +1,19 @@
-"""The filesystem cache: the package stage's tree as a ready btrfs.
+"""The filesystem cache: the package stage's tree as a ready btrfs or ext4.
 
 Making a btrfs of a desktop's 4 GB tree costs a minute, and a one-file change
-made it again. An entry here is that filesystem for one package-stage entry,
-made once from the tree exactly as the stage cache restores it, before any
-class touched it:
+made it again; an ext4 of a server's costs a second and a half. An entry
+here is that filesystem for one package-stage entry, made once from the tree
+exactly as the stage cache restores it, before any class touched it:
 
-- `root.img`: the filesystem, as small as its content (`mkfs.btrfs --shrink`);
+- `root.img`: the filesystem: a btrfs as small as its content
+  (`mkfs.btrfs --shrink`), an ext4 the size of the root partition;
 - `paths`: every path of that tree, NUL-separated, for finding what a build
   removed;
 - `digest.json` (cache/entries.py), checked while the image is copied out.
 
-The key is the package stage's key, the label, and the mkfs.btrfs that made
-it: a new btrfs-progs makes a new entry. disk/incremental.py applies a
+The key is the package stage's key, the filesystem, the label (and an ext4's
+size), and the mkfs that made it: a new btrfs-progs or e2fsprogs makes a new
+entry. disk/incremental.py applies a
 build's changes to a copy of the entry.
 """
 
@@ -37,21 +39,29 @@ ENTRY_FILE = "entry.json"
 FORMAT = 1
 
 
+VERSION_ARGV = {"btrfs": ["mkfs.btrfs", "--version"], "ext4": ["mke2fs", "-V"]}
+
+
 @functools.cache
-def mkfs_version() -> str:
-    """The host's mkfs.btrfs version line (asked once per process)."""
-    out = run(["mkfs.btrfs", "--version"], capture=True, what="mkfs.btrfs --version").stdout
-    return out.decode(errors="replace").strip()
+def mkfs_version(filesystem: str = "btrfs") -> str:
+    """The host's mkfs version lines for `filesystem` (asked once per process)."""
+    argv = VERSION_ARGV[filesystem]
+    found = run(argv, capture=True, what=" ".join(argv))
+    return (found.stdout + found.stderr).decode(errors="replace").strip()
 
 
-def filesystem_key(stage_key: str, *, label: str, tool: str) -> str:
-    inputs = {
+def filesystem_key(
+    stage_key: str, *, label: str, tool: str, filesystem: str = "btrfs", size: int = 0
+) -> str:
+    inputs: dict[str, object] = {
         "stage": stage_key,
-        "filesystem": "btrfs",
+        "filesystem": filesystem,
         "label": label,
         "mkfs": tool,
         "format": FORMAT,
     }
+    if filesystem != "btrfs":  # a btrfs entry is as small as its content
+        inputs["size"] = size
     canonical = json.dumps(inputs, sort_keys=True).encode()
     return hashlib.sha256(canonical).hexdigest()[:32]
 

@@ -131,11 +131,13 @@ def under(ordered: list[bytes], directory: bytes) -> list[bytes]:
 
 
 def apply_changes(
-    disk: Path, offset: int, tree: Path, found: Changes, *, size: int, uuid: str
-) -> None:
-    """Turn the copy of the cached btrfs at `offset` in `disk` into the
-    filesystem of `tree`: `size` bytes, the UUID `uuid`, the changes applied
-    (host/copyin.py, in a mount namespace of its own)."""
+    disk: Path, offset: int, tree: Path, found: Changes, *, size: int, uuid: str,
+    fstype: str = "btrfs",
+) -> None:  # fmt: skip
+    """Turn the copy of the cached filesystem at `offset` in `disk` into the
+    filesystem of `tree`: `size` bytes (a btrfs grows to it), the UUID
+    `uuid`, the changes applied (host/copyin.py, in a mount namespace of its
+    own)."""
     if disk.stat().st_size < offset + size:
         os.truncate(disk, offset + size)
     work = Path(tempfile.mkdtemp(prefix="apply-", dir=tree.parent))
@@ -145,7 +147,7 @@ def apply_changes(
         (work / "mnt").mkdir()
         run(
             ["unshare", "--mount", "--propagation", "private",
-             sys.executable, "-m", "imagesmith.host.copyin", disk, str(offset), str(size), uuid,
+             sys.executable, "-m", "imagesmith.host.copyin", fstype, disk, str(offset), str(size), uuid,
              work / "mnt", tree, work / "changed", work / "removed"],
             what="applying the build's changes to the cached btrfs",
         )  # fmt: skip

@@ -15,9 +15,10 @@ done; were it killed, the namespace goes with it and nothing stays mounted.
 
 Only this project's code runs with the image as root: no tool of the image.
 
-Usage: python -m imagesmith.host.copyin FILE OFFSET SIZE UUID MOUNTPOINT TREE CHANGED REMOVED
-CHANGED and REMOVED are files of NUL-separated paths relative to the tree;
-UUID "" keeps the filesystem's.
+Usage: python -m imagesmith.host.copyin FSTYPE FILE OFFSET SIZE UUID MOUNTPOINT TREE CHANGED REMOVED
+FSTYPE is btrfs or ext4; CHANGED and REMOVED are files of NUL-separated
+paths relative to the tree; UUID "" keeps the filesystem's. A btrfs is
+grown to SIZE; an ext4 already has its size.
 """
 
 from __future__ import annotations
@@ -163,16 +164,24 @@ def read_list(path: str) -> list[bytes]:
         return [p for p in f.read().split(b"\0") if p]
 
 
+# A new filesystem UUID, set before the filesystem is mounted: for ext4 made
+# with metadata_csum_seed, only the superblock changes.
+RETUNE = {"btrfs": ["btrfstune", "-f", "-U"], "ext4": ["tune2fs", "-U"]}
+
+
 def main(
-    path: str, offset: str, size: str, uuid: str, mountpoint: str, tree_path: str,
+    fstype: str, path: str, offset: str, size: str, uuid: str, mountpoint: str, tree_path: str,
     changed: str, removed: str,
 ) -> int:  # fmt: skip
+    if fstype not in RETUNE:
+        raise SystemExit(f"copyin: unknown filesystem type {fstype!r}")
     device, name = attach_loop(path, int(offset), int(size))
     if uuid:
-        subprocess.run(["btrfstune", "-f", "-U", uuid, name], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["mount", "-t", "btrfs", name, mountpoint], check=True)
-    subprocess.run(["btrfs", "filesystem", "resize", "max", mountpoint], check=True,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run([*RETUNE[fstype], uuid, name], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["mount", "-t", fstype, name, mountpoint], check=True)
+    if fstype == "btrfs":
+        subprocess.run(["btrfs", "filesystem", "resize", "max", mountpoint], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
     paths = read_list(changed), read_list(removed)
     tree = os.open(tree_path, os.O_RDONLY | os.O_DIRECTORY)
     pid = os.fork()
@@ -195,7 +204,7 @@ def main(
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 9:
+    if len(sys.argv) != 10:
         print(__doc__, file=sys.stderr)
         sys.exit(2)
     sys.exit(main(*sys.argv[1:]))

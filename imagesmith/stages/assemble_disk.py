@@ -35,9 +35,9 @@ from imagesmith.disk.sparse import sha256_with_placed
 from imagesmith.errors import ConfigError
 from imagesmith.host.background import in_background
 from imagesmith.stages.filesystem_base import (
-    btrfs_from_base,
     content_estimate,
-    finish_btrfs_from_base,
+    finish_root_from_base,
+    root_from_base,
 )
 
 # ext4/btrfs metadata and slack on top of the files themselves.
@@ -78,7 +78,7 @@ def make_btrfs_root(ctx: BuildContext, image: Path) -> bool:
     as its content, and the disk sized to it plus headroom: mkfs.btrfs knows
     what btrfs needs (many small files cost it much more than ext4), no
     estimate does."""
-    made = btrfs_from_base(ctx)
+    made = root_from_base(ctx)
     placed = made is not None
     if made is None:
         with log.watch_growth("mkfs.btrfs", image, content_estimate(ctx)):
@@ -117,7 +117,9 @@ def assemble_disk(ctx: BuildContext) -> None:
         if ctx.layout.root.filesystem == "btrfs":
             placed = make_btrfs_root(ctx, btrfs)
         else:
-            check_tree_fits(ctx)
+            placed = root_from_base(ctx) is not None  # an ext4 from the filesystem cache
+            if not placed:
+                check_tree_fits(ctx)
         layout = ctx.layout
         write_partition_table(ctx.disk, layout)
         if (esp := layout.partition("esp")) is not None:
@@ -127,7 +129,7 @@ def assemble_disk(ctx: BuildContext) -> None:
                 ctx.disk, bios_boot, ctx.bios_dir / "boot.img", ctx.bios_dir / "core.img"
             )
         if layout.root.filesystem == "btrfs":
-            if placed and not finish_btrfs_from_base(ctx):
+            if placed and not finish_root_from_base(ctx):
                 placed = False
                 with log.watch_growth("mkfs.btrfs", btrfs, content_estimate(ctx)):
                     made = make_btrfs_image(btrfs, layout.root, ctx.tree, size=layout.root.size)
@@ -135,7 +137,7 @@ def assemble_disk(ctx: BuildContext) -> None:
                     raise too_small(ctx, made)
             if not placed:
                 place_btrfs(ctx, btrfs)
-        else:
+        elif not placed:
             with log.watch_growth("mkfs.ext4", ctx.disk, content_estimate(ctx)):
                 make_ext4(ctx.disk, layout.root, ctx.tree)
     finally:

@@ -30,7 +30,7 @@ from imagesmith.cache.stages import entry_dir as stage_entry_dir
 from imagesmith.config.settings import AUTO_SIZE, format_size
 from imagesmith.context import BuildContext
 from imagesmith.disk import incremental
-from imagesmith.disk.filesystems import make_btrfs_image, tree_size
+from imagesmith.disk.filesystems import make_btrfs_image, make_ext4, tree_size
 from imagesmith.disk.sparse import (
     copy_sparse,
     copy_sparse_apart,
@@ -46,35 +46,42 @@ SWITCH = "IMAGESMITH_FILESYSTEM_CACHE"
 
 
 def prepare_filesystem_base(ctx: BuildContext) -> None:
+    root = ctx.layout.root
     if (
         ctx.image.target != "disk"
-        or ctx.layout.root.filesystem != "btrfs"
+        or root.filesystem not in fscache.VERSION_ARGV
+        # An ext4 entry has the root's size, which "auto" takes from the tree.
+        or (root.filesystem == "ext4" and ctx.image.settings.size == AUTO_SIZE)
         or not ctx.tree_key
         # A stage made from a parent, extracted: no pristine copy to make it from.
         or (not ctx.tree_overlay and ctx.stage_cache is not None and not ctx.stage_cache.hit)
         or os.environ.get(SWITCH) == "0"
     ):
         return
-    label = ctx.layout.root.label
-    key = fscache.filesystem_key(ctx.tree_key, label=label, tool=fscache.mkfs_version())
+    fs = root.filesystem
+    key = fscache.filesystem_key(
+        ctx.tree_key, label=root.label, tool=fscache.mkfs_version(fs), filesystem=fs,
+        size=root.size,
+    )  # fmt: skip
     with fscache.locked(ctx.cache_dir, key):
         entry = fscache.usable_entry(ctx.cache_dir, key)
         ctx.filesystem_cache = CacheUse(key, hit=entry is not None)
         if entry is not None:
             log.info(f"    filesystem cache hit {key}")
         else:
-            log.info(f"    filesystem cache miss {key}: making the package stage's btrfs once")
+            log.info(f"    filesystem cache miss {key}: making the package stage's {fs} once")
             entry = make_base(ctx, key)
     if entry is None:
         return
     ctx.filesystem_base = entry
     ctx.tree_mark = ctx.tree_mark or incremental.mark(ctx.workdir)
     # Copied into the disk, at the root's offset, while the classes work,
-    # and its metadata apart, given this build's UUID, for the changes.
-    ctx.base_copy = in_background(copy_base, entry, ctx.disk, ctx.layout.root.start)
-    ctx.base_metadata = in_background(
-        base_metadata, entry, ctx.workdir / "root-metadata.btrfs", ctx.layout.root.fs_uuid
-    )
+    # and a btrfs's metadata apart, given this build's UUID, for the changes.
+    ctx.base_copy = in_background(copy_base, entry, ctx.disk, root.start)
+    if fs == "btrfs":
+        ctx.base_metadata = in_background(
+            base_metadata, entry, ctx.workdir / "root-metadata.btrfs", root.fs_uuid
+        )
 
 
 def make_base(ctx: BuildContext, key: str) -> Path | None:
@@ -88,8 +95,12 @@ def make_base(ctx: BuildContext, key: str) -> Path | None:
             pristine = ctx.tree
             if ctx.tree_overlay:
                 pristine = stage_entry_dir(ctx.cache_dir, ctx.tree_key) / UNPACKED_DIR
-            with log.watch_growth("mkfs.btrfs", image, content_estimate(ctx)):
-                make_btrfs_image(image, part, pristine, size=None)
+            with log.watch_growth(f"mkfs.{part.filesystem}", image, content_estimate(ctx)):
+                if part.filesystem == "btrfs":
+                    make_btrfs_image(image, part, pristine, size=None)
+                else:
+                    image.touch()
+                    make_ext4(image, dataclasses.replace(part, start=0), pristine)
             paths = incremental.tree_state(pristine)
             (temp / fscache.PATHS_FILE).write_bytes(b"\0".join(sorted(paths)))
     except (BuildError, OSError) as e:
@@ -113,39 +124,47 @@ def content_estimate(ctx: BuildContext) -> int:
     return tree_size(ctx.tree)
 
 
-def btrfs_from_base(ctx: BuildContext) -> int | None:
-    """The root btrfs from the cached one and the build's changes; its size.
-    The changes go to the retuned copy of its metadata, laid over the copy
-    of the whole by `finish_btrfs_from_base` once the disk's partition table
-    is written; without one, to the copy in the disk itself. None when there
-    is no cached one, or it could not be used (said in a warning): the
-    caller then makes the whole filesystem."""
+def root_from_base(ctx: BuildContext) -> int | None:
+    """The root filesystem from the cached one and the build's changes; its
+    size. A btrfs's changes go to the retuned copy of its metadata, laid
+    over the copy of the whole by `finish_root_from_base` once the disk's
+    partition table is written; an ext4's (or a btrfs's without one), to
+    the copy in the disk itself. None when there is no cached one, or it
+    could not be used (said in a warning): the caller then makes the whole
+    filesystem."""
     entry = ctx.filesystem_base
-    if entry is None or ctx.base_copy is None or ctx.base_metadata is None:
+    if entry is None or ctx.base_copy is None:
         return None
     root = ctx.layout.root
+    metadata = None
     try:
         # What changed is listed while the copies may still be running.
         found = listed_changes(ctx, fscache.recorded_paths(entry))
         waited = time.monotonic()
-        try:
-            metadata = ctx.base_metadata.result()
-        except (BuildError, OSError) as e:
-            log.debug(f"    the cached btrfs's metadata could not be copied apart ({reason(e)})")
-            metadata = None
+        if ctx.base_metadata is not None:
+            try:
+                metadata = ctx.base_metadata.result()
+            except (BuildError, OSError) as e:
+                log.debug(
+                    f"    the cached btrfs's metadata could not be copied apart ({reason(e)})"
+                )
         target, offset, uuid = (
             (metadata, 0, "") if metadata else (ctx.disk, root.start, root.fs_uuid)
         )
         base = (entry / fscache.IMAGE_FILE).stat().st_size if metadata else ctx.base_copy.result()
         waited = time.monotonic() - waited
         applying = time.monotonic()
-        if ctx.image.settings.size == AUTO_SIZE:
+        if root.filesystem == "btrfs" and ctx.image.settings.size == AUTO_SIZE:
             size = base + int(found.changed_bytes * incremental.CHANGE_OVERHEAD) + incremental.SLACK
         elif base > root.size:
-            raise BuildError(f"the cached btrfs alone ({format_size(base)}) does not fit")
+            raise BuildError(
+                f"the cached {root.filesystem} alone ({format_size(base)}) does not fit"
+            )
         else:
             size = root.size
-        incremental.apply_changes(target, offset, ctx.tree, found, size=size, uuid=uuid)
+        incremental.apply_changes(
+            target, offset, ctx.tree, found, size=size, uuid=uuid, fstype=root.filesystem
+        )
         if metadata:
             if ctx.disk.stat().st_size < root.start + size:
                 os.truncate(ctx.disk, root.start + size)
@@ -157,7 +176,7 @@ def btrfs_from_base(ctx: BuildContext) -> int | None:
         return None
     applied = time.monotonic() - applying
     log.info(
-        f"    btrfs from the filesystem cache ({waited:.1f}s waiting for its "
+        f"    {root.filesystem} from the filesystem cache ({waited:.1f}s waiting for its "
         f"{'metadata' if metadata else 'copy'}, {applied:.1f}s applying): {len(found.changed)} "
         f"paths changed ({format_size(found.changed_bytes)}), {len(found.removed)} removed"
     )
@@ -168,7 +187,8 @@ def give_up_base(ctx: BuildContext, error: BuildError | OSError, *, placed: bool
     """Warn, and take what was copied of the cached btrfs out of the disk:
     all after the root's start, or once the partition table is `placed`,
     the root partition's bytes alone."""
-    log.warn(f"the cached btrfs could not be used ({reason(error)}); making the whole filesystem")
+    fs = ctx.layout.root.filesystem
+    log.warn(f"the cached {fs} could not be used ({reason(error)}); making the whole filesystem")
     if ctx.filesystem_cache is not None:
         ctx.filesystem_cache = dataclasses.replace(ctx.filesystem_cache, hit=False)
     ctx.base_overlay = None
@@ -182,7 +202,7 @@ def give_up_base(ctx: BuildContext, error: BuildError | OSError, *, placed: bool
         os.truncate(ctx.disk, root.start)
 
 
-def finish_btrfs_from_base(ctx: BuildContext) -> bool:
+def finish_root_from_base(ctx: BuildContext) -> bool:
     """Lay the changed metadata over the copy of the cached btrfs, once the
     copy is done; the raw disk's SHA-256 is computed from the pieces
     meanwhile. False when the copy failed (its entry is discarded, said in a
