@@ -1,13 +1,15 @@
-"""Stage: keep the package stage's tree as a cached btrfs, for assembly to
-change instead of making the whole filesystem again (disk/incremental.py).
+"""Stage: keep the package stage's tree as a cached btrfs or ext4, for
+assembly to change instead of making the whole filesystem again
+(disk/incremental.py).
 
 Needs: `ctx.tree` exactly as the stage cache restored it.
-Produces: `ctx.filesystem_base` (the cache entry) and `ctx.tree_mark`.
+Produces: `ctx.filesystem_base` (the cache entry), `ctx.tree_mark`, and the
+copies under way (`ctx.base_copy`, `ctx.base_metadata`).
 
-Runs for btrfs disk images whose package stage came from the stage cache: a
-tree mmdebstrap just made is kept in the cache as the tar it restores from,
-not byte for byte as it stands, so the cached btrfs is made from a restored
-tree only. The first such build makes the entry (as long as a whole
+Runs for disk images whose package stage came from the stage cache (an
+ext4 one of a fixed size): a tree mmdebstrap just made is kept in the cache
+as the tar it restores from, not byte for byte as it stands, so the cached
+filesystem is made from a restored tree only. The first such build makes the entry (as long as a whole
 filesystem takes); the ones after copy it. `IMAGESMITH_FILESYSTEM_CACHE=0`
 turns this off.
 """
