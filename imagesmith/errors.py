@@ -36,5 +36,13 @@ class BuildError(ImagesmithError):
     """A build step failed (a command, a class script, the archive)."""
 
 
+def is_out_of_space(error: BaseException) -> bool:
+    """Whether `error` is a full disk: an OSError saying so, or a command's
+    failure whose output does."""
+    if isinstance(error, OSError):
+        return error.errno in OUT_OF_SPACE
+    return isinstance(error, ImagesmithError) and "No space left on device" in error.message
+
+
 class TestFailure(ImagesmithError):
     """A booted image did not give the positive signal."""

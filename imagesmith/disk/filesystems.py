@@ -35,11 +35,12 @@ def tree_size(path: Path) -> int:
     return total
 
 
-def make_esp(disk: Path, esp: Partition, tree: Path) -> None:
+def make_esp(disk: Path, esp: Partition, tree: Path, *, scratch: Path | None = None) -> None:
     """The ESP, a FAT32 holding `tree`, into its partition of `disk`. Made in
-    a file of its own beside the disk and copied in: mkfs.vfat syncs the file
-    it writes, which would wait for a root still being copied into the disk."""
-    fd, name = tempfile.mkstemp(prefix=".esp-", dir=disk.parent)
+    a file of its own in `scratch` (the disk's directory by default) and
+    copied in: mkfs.vfat syncs the file it writes, which would wait for a
+    root still being copied into the disk."""
+    fd, name = tempfile.mkstemp(prefix=".esp-", dir=scratch or disk.parent)
     image = Path(name)
     try:
         os.ftruncate(fd, esp.size)

@@ -20,17 +20,18 @@ def sfdisk_script(layout: DiskLayout) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_partition_table(disk: Path, layout: DiskLayout) -> None:
+def write_partition_table(disk: Path, layout: DiskLayout, *, scratch: Path | None = None) -> None:
     """The GPT (and protective MBR) of `layout` in `disk`, made that long;
     what the file already holds elsewhere (a root placed early) stays.
 
-    sfdisk writes it on an empty file of the disk's size beside it, then
-    its sectors are copied in: sfdisk probes and syncs the file it is given,
-    which waits for a root still being copied into the disk (1.5 s for a
-    desktop's), and it never reads the disk this way."""
+    sfdisk writes it on an empty file of the disk's size in `scratch` (the
+    disk's directory by default), then its sectors are copied in: sfdisk
+    probes and syncs the file it is given, which waits for a root still
+    being copied into the disk (1.5 s for a desktop's), and it never reads
+    the disk this way."""
     with disk.open("ab") as f:
         f.truncate(layout.size)
-    fd, name = tempfile.mkstemp(prefix=".gpt-", dir=disk.parent)
+    fd, name = tempfile.mkstemp(prefix=".gpt-", dir=scratch or disk.parent)
     table = Path(name)
     try:
         os.ftruncate(fd, layout.size)

@@ -186,4 +186,7 @@ def largest_file_problem(directory: Path, size: int) -> str:
 
 
 if __name__ == "__main__":  # copy_sparse_apart's child: SOURCE TARGET OFFSET
-    copy_sparse(Path(sys.argv[1]), Path(sys.argv[2]), offset=int(sys.argv[3]))
+    try:
+        copy_sparse(Path(sys.argv[1]), Path(sys.argv[2]), offset=int(sys.argv[3]))
+    except OSError as e:  # "No space left on device" is how the build tells a full disk
+        sys.exit(f"copying {sys.argv[1]} into {sys.argv[2]}: {e.strerror or e}")

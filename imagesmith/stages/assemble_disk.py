@@ -121,9 +121,9 @@ def assemble_disk(ctx: BuildContext) -> None:
             if not placed:
                 check_tree_fits(ctx)
         layout = ctx.layout
-        write_partition_table(ctx.disk, layout)
+        write_partition_table(ctx.disk, layout, scratch=ctx.workdir)
         if (esp := layout.partition("esp")) is not None:
-            make_esp(ctx.disk, esp, ctx.esp_tree)
+            make_esp(ctx.disk, esp, ctx.esp_tree, scratch=ctx.workdir)
         if (bios_boot := layout.bios_boot) is not None:
             install_bios_boot(
                 ctx.disk, bios_boot, ctx.bios_dir / "boot.img", ctx.bios_dir / "core.img"

@@ -21,7 +21,9 @@ import dataclasses
 import os
 import time
 import uuid
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 from imagesmith import log
 from imagesmith.cache import entries
@@ -40,7 +42,7 @@ from imagesmith.disk.sparse import (
     sha256_file,
     sha256_with_overlay,
 )
-from imagesmith.errors import OUT_OF_SPACE, BuildError
+from imagesmith.errors import BuildError, is_out_of_space
 from imagesmith.host import overlay
 from imagesmith.host.background import in_background
 
@@ -84,6 +86,17 @@ def prepare_filesystem_base(ctx: BuildContext) -> None:
         ctx.base_metadata = in_background(
             base_metadata, entry, ctx.workdir / "root-metadata.btrfs", root.fs_uuid
         )
+    # A build that fails before assembly waits for them (their commands are
+    # children of this process), so none outlives it.
+    ctx.closing.callback(settle, ctx.base_copy, ctx.base_metadata)
+
+
+def settle(*futures: Future[Any] | None) -> None:
+    """Wait for each of `futures` to end, however it ends."""
+    for future in futures:
+        if future is not None:
+            with contextlib.suppress(Exception):  # its error was someone else's to report
+                future.result()
 
 
 def make_base(ctx: BuildContext, key: str) -> Path | None:
@@ -172,7 +185,7 @@ def root_from_base(ctx: BuildContext) -> int | None:
                 os.truncate(ctx.disk, root.start + size)
             ctx.base_overlay = metadata
     except (BuildError, OSError) as e:
-        if isinstance(e, OSError) and e.errno in OUT_OF_SPACE:
+        if is_out_of_space(e):
             raise
         give_up_base(ctx, e)
         return None
@@ -226,7 +239,7 @@ def finish_root_from_base(ctx: BuildContext) -> bool:
                 with contextlib.suppress(BuildError, OSError):
                     hashed = digest.result()
     except (BuildError, OSError) as e:
-        if isinstance(e, OSError) and e.errno in OUT_OF_SPACE:
+        if is_out_of_space(e):
             raise
         give_up_base(ctx, e, placed=True)
         return False
