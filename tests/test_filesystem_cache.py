@@ -104,17 +104,23 @@ def change_tree(root: Path, victim: Path) -> None:
     (root / "srv/was-dir").symlink_to(victim)
 
 
-@pytest.mark.build
-def test_copyin_applies_every_kind_of_change_and_never_leaves_the_image(tmp_path: Path) -> None:
-    tree = tmp_path / "tree"
-    make_tree(tree)
-    image = tmp_path / "root.img"
+def cached_btrfs(tree: Path, scratch: Path) -> tuple[Path, set[bytes], int]:
+    """What the filesystem cache keeps of `tree` (a btrfs as small as its
+    content, made in `scratch`, and its paths), and the mark after which a
+    change to the tree counts."""
+    image = scratch / "root.img"
     image.write_bytes(b"")
     subprocess.run(
         ["mkfs.btrfs", "-q", "--rootdir", tree, "--shrink", image], check=True, capture_output=True
     )
-    paths = set(incremental.tree_state(tree))
-    since = incremental.mark(tmp_path)
+    return image, set(incremental.tree_state(tree)), incremental.mark(scratch)
+
+
+@pytest.mark.build
+def test_copyin_applies_every_kind_of_change_and_never_leaves_the_image(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    make_tree(tree)
+    image, paths, since = cached_btrfs(tree, tmp_path)
     victim = tmp_path / "host-victim"
     victim.mkdir()
     (victim / "precious").write_text("host data\n")

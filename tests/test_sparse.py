@@ -25,7 +25,7 @@ from imagesmith.disk.sparse import (
     sha256_with_overlay,
     sha256_with_placed,
 )
-from tests.test_filesystem_cache import describe, describe_tree
+from tests.test_filesystem_cache import cached_btrfs, describe, describe_tree
 
 MiB = 1024 * 1024
 
@@ -89,13 +89,7 @@ def test_changes_applied_to_the_metadata_alone_make_the_changed_filesystem(
     (tree / "etc").mkdir()
     (tree / "etc/config").write_text("before\n")
     (tree / "etc/gone").write_bytes(os.urandom(200_000))
-    image = tmp_path / "root.img"
-    image.write_bytes(b"")
-    subprocess.run(
-        ["mkfs.btrfs", "-q", "--rootdir", tree, "--shrink", image], check=True, capture_output=True
-    )
-    paths = set(incremental.tree_state(tree))
-    since = incremental.mark(tmp_path)
+    image, paths, since = cached_btrfs(tree, tmp_path)
     (tree / "etc/config").write_text("after, a longer line than before\n")
     (tree / "etc/gone").unlink()
     (tree / "usr/lib/lib3.so").write_bytes(os.urandom(700_000))

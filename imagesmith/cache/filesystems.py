@@ -43,16 +43,14 @@ VERSION_ARGV = {"btrfs": ["mkfs.btrfs", "--version"], "ext4": ["mke2fs", "-V"]}
 
 
 @functools.cache
-def mkfs_version(filesystem: str = "btrfs") -> str:
+def mkfs_version(filesystem: str) -> str:
     """The host's mkfs version lines for `filesystem` (asked once per process)."""
     argv = VERSION_ARGV[filesystem]
     found = run(argv, capture=True, what=" ".join(argv))
     return (found.stdout + found.stderr).decode(errors="replace").strip()
 
 
-def filesystem_key(
-    stage_key: str, *, label: str, tool: str, filesystem: str = "btrfs", size: int = 0
-) -> str:
+def filesystem_key(stage_key: str, *, label: str, tool: str, filesystem: str, size: int) -> str:
     inputs: dict[str, object] = {
         "stage": stage_key,
         "filesystem": filesystem,

@@ -11,11 +11,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from imagesmith.config.layout import Partition
-from imagesmith.disk.sparse import copy_sparse
+from imagesmith.disk.sparse import copy_sparse, scratch_file
 from imagesmith.host.run import run
 
 INODE_SIZE = 256
@@ -40,11 +39,7 @@ def make_esp(disk: Path, esp: Partition, tree: Path, *, scratch: Path | None = N
     a file of its own in `scratch` (the disk's directory by default) and
     copied in: mkfs.vfat syncs the file it writes, which would wait for a
     root still being copied into the disk."""
-    fd, name = tempfile.mkstemp(prefix=".esp-", dir=scratch or disk.parent)
-    image = Path(name)
-    try:
-        os.ftruncate(fd, esp.size)
-        os.close(fd)
+    with scratch_file(scratch or disk.parent, ".esp-", esp.size) as image:
         run(
             [
                 "mkfs.vfat", "-F", "32", "-s", "1", "-n", esp.label, "-i", esp.fs_uuid,
@@ -60,8 +55,6 @@ def make_esp(disk: Path, esp: Partition, tree: Path, *, scratch: Path | None = N
                 what="mcopy (ESP)",
             )  # fmt: skip
         copy_sparse(image, disk, offset=esp.start)
-    finally:
-        image.unlink(missing_ok=True)
 
 
 def make_ext4(disk: Path, part: Partition, tree: Path) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from imagesmith.config.layout import GPT_BACKUP_SIZE, GPT_PRIMARY_SIZE, DiskLayout
+from imagesmith.disk.sparse import scratch_file
 from imagesmith.host.run import run
 
 
@@ -31,11 +31,7 @@ def write_partition_table(disk: Path, layout: DiskLayout, *, scratch: Path | Non
     the disk this way."""
     with disk.open("ab") as f:
         f.truncate(layout.size)
-    fd, name = tempfile.mkstemp(prefix=".gpt-", dir=scratch or disk.parent)
-    table = Path(name)
-    try:
-        os.ftruncate(fd, layout.size)
-        os.close(fd)
+    with scratch_file(scratch or disk.parent, ".gpt-", layout.size) as table:
         run(
             ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", os.fspath(table)],
             input=sfdisk_script(layout).encode(),
@@ -47,5 +43,3 @@ def write_partition_table(disk: Path, layout: DiskLayout, *, scratch: Path | Non
                 (layout.size - GPT_BACKUP_SIZE, GPT_BACKUP_SIZE),
             ):
                 os.pwrite(target.fileno(), os.pread(source.fileno(), length, start), start)
-    finally:
-        table.unlink(missing_ok=True)

@@ -165,7 +165,7 @@ def metadata_ranges(image: Path) -> list[tuple[int, int]]:
         capture=True,
         what="reading the cached btrfs's chunk tree",
     ).stdout.decode(errors="replace")
-    ranges, kind, length = [], "", 0
+    ranges, kinds, kind, length = [], set(), "", 0
     for line in listing.splitlines():
         if chunk := re.search(r"\blength (\d+) owner \d+ stripe_len \d+ type (\S+)", line):
             length, kind = int(chunk[1]), chunk[2]
@@ -173,7 +173,8 @@ def metadata_ranges(image: Path) -> list[tuple[int, int]]:
             "METADATA" in kind or "SYSTEM" in kind
         ):
             ranges.append((int(stripe[1]), length))
-    if not any("METADATA" in line for line in listing.splitlines()) or not ranges:
+            kinds.add(kind)
+    if not any("METADATA" in k for k in kinds):
         return []
     size = image.stat().st_size
     return ranges + [(at, SUPERBLOCK_SIZE) for at in SUPERBLOCKS if at + SUPERBLOCK_SIZE <= size]

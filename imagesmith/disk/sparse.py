@@ -3,6 +3,7 @@ and hashes that never read them."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -45,6 +46,20 @@ def copy_sparse_range(
             copy_range(
                 src.fileno(), dst.fileno(), data, dst_offset + data - src_offset, hole - data
             )
+
+
+@contextlib.contextmanager
+def scratch_file(directory: Path, prefix: str, size: int) -> Iterator[Path]:
+    """A sparse file of `size` bytes under an unpredictable name in
+    `directory`, removed after the block."""
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=directory)
+    path = Path(name)
+    try:
+        os.ftruncate(fd, size)
+        os.close(fd)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def punch_hole(path: Path, offset: int, length: int) -> None:

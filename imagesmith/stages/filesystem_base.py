@@ -207,9 +207,7 @@ def give_up_base(ctx: BuildContext, error: BuildError | OSError, *, placed: bool
     if ctx.filesystem_cache is not None:
         ctx.filesystem_cache = dataclasses.replace(ctx.filesystem_cache, hit=False)
     ctx.base_overlay = None
-    if ctx.base_copy is not None:  # nothing of the copy may land in the disk after this
-        with contextlib.suppress(BuildError, OSError):
-            ctx.base_copy.result()
+    settle(ctx.base_copy)  # nothing of the copy may land in the disk after this
     root = ctx.layout.root
     if placed:
         punch_hole(ctx.disk, root.start, root.size)
@@ -230,23 +228,20 @@ def finish_root_from_base(ctx: BuildContext) -> bool:
     if ctx.disk_file is not None:
         digest = in_background(sha256_with_overlay, ctx.disk, root.start, base, overlay)
     try:
-        try:
-            ctx.base_copy.result()
-            copy_sparse(overlay, ctx.disk, offset=root.start)
-        finally:
-            hashed = None
-            if digest is not None:
-                with contextlib.suppress(BuildError, OSError):
-                    hashed = digest.result()
+        ctx.base_copy.result()
+        copy_sparse(overlay, ctx.disk, offset=root.start)
     except (BuildError, OSError) as e:
+        settle(digest)  # it reads the overlay and the range given up below
+        overlay.unlink(missing_ok=True)
         if is_out_of_space(e):
             raise
         give_up_base(ctx, e, placed=True)
         return False
+    try:
+        if digest is not None:
+            ctx.output_sha256["raw"] = digest.result()
     finally:
         overlay.unlink(missing_ok=True)
-    if digest is not None:
-        ctx.output_sha256["raw"] = hashed or digest.result()  # its error, if it failed
     return True
 
 
