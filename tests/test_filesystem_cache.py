@@ -21,8 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from imagesmith.config.layout import Partition
 from imagesmith.disk import incremental
+from imagesmith.disk.filesystems import fill_btrfs
 from imagesmith.disk.sparse import sha256_file
+from imagesmith.host.copyin import PARALLEL_FROM
 from tests.conftest import EXAMPLES, imagesmith
 
 # Prints {path: description} of a mounted root, for comparing two filesystems.
@@ -93,7 +96,8 @@ def change_tree(root: Path, victim: Path) -> None:
     (root / "etc/new").write_bytes(os.urandom(100_000))
     os.setxattr(root / "etc/new", "user.imagesmith", b"kept")
     os.link(root / "etc/new", root / "etc/new-link")
-    os.mkfifo(root / "etc/fifo")
+    os.mkfifo(root / "etc/fifo", 0o666)
+    (root / "etc/fifo").chmod(0o666)  # past the umask, as a device node in /dev is
     # The image's symlink to the host becomes a directory, and a directory
     # becomes a symlink to a host path with a file "in" it on the old side.
     (root / "opt/escape").unlink()
@@ -145,6 +149,35 @@ def test_copyin_applies_every_kind_of_change_and_never_leaves_the_image(tmp_path
     assert str(tmp_path) not in Path("/proc/self/mounts").read_text()
 
 
+@pytest.mark.build
+def test_the_kernel_writes_a_btrfs_that_holds_the_whole_tree(tmp_path: Path) -> None:
+    """disk/filesystems.py fill_btrfs, at an offset in a disk file, with
+    enough paths for host/copyin.py to copy them in parallel."""
+    tree = tmp_path / "tree"
+    make_tree(tree)
+    victim = tmp_path / "host-victim"
+    victim.mkdir()
+    (victim / "precious").write_text("host data\n")
+    change_tree(tree, victim)
+    many = tree / "usr/share/many"
+    many.mkdir(parents=True)
+    for i in range(PARALLEL_FROM):
+        (many / f"f{i}").write_text(str(i) * (i % 7))
+    for i in range(0, 200, 3):  # hard links, each name in another corner of the tree
+        os.link(many / f"f{i}", tree / "etc" / f"link{i}")
+    part = Partition(2, "root", "", "", 1024**2, 256 * 1024**2, "btrfs",
+                     "0badc0de-0000-4000-8000-000000000002", "root")  # fmt: skip
+    disk = tmp_path / "disk.raw"
+    fill_btrfs(disk, part, tree, offset=part.start, scratch=tmp_path)
+
+    assert describe(disk, offset=part.start, times=True) == describe_tree(tree)
+    assert disk.stat().st_size == part.start + part.size
+    checked = fsck(disk, part.start, part.size, "btrfs")
+    assert checked.returncode == 0, (checked.stdout + checked.stderr)[-3000:]
+    assert sorted(p.name for p in victim.iterdir()) == ["precious"]
+    assert str(tmp_path) not in Path("/proc/self/mounts").read_text()
+
+
 def describe_tree(tree: Path) -> dict[str, list[object]]:
     """The same description of a plain directory."""
     result = subprocess.run(
@@ -168,27 +201,36 @@ def test_a_root_from_the_filesystem_cache_matches_a_whole_mkfs(
     built_examples: Path, tmp_path: Path, image: str
 ) -> None:
     outputs = {}
-    for name, switch in (("cached", "1"), ("whole", "0")):
+    # A btrfs made whole is written by the kernel (fill_btrfs), or by
+    # mkfs.btrfs where that cannot be: both are compared with the cached one.
+    ways = [("cached", "1", "1"), ("whole", "0", "1")]
+    if image == "server-btrfs":
+        ways.append(("mkfs", "0", "0"))
+    for name, cache, fill in ways:
         out = tmp_path / name
         result = imagesmith(
             "build", "-C", EXAMPLES, "-o", out, "--uuid-seed", "same", image,
-            env={**os.environ, "IMAGESMITH_FILESYSTEM_CACHE": switch},
+            env={**os.environ, "IMAGESMITH_FILESYSTEM_CACHE": cache,
+                 "IMAGESMITH_KERNEL_FILL": fill},
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         from_cache = re.search(
             r"(btrfs|ext4) from the filesystem cache \(.*?\): (\d+) paths changed", result.stderr
         )
-        assert bool(from_cache) == (switch == "1"), result.stderr[-3000:]
+        assert bool(from_cache) == (cache == "1"), result.stderr[-3000:]
+        by_kernel = "btrfs written by the kernel" in result.stderr
+        assert by_kernel == (name == "whole" and image == "server-btrfs"), result.stderr[-3000:]
         outputs[name] = out / f"{image}.raw"
     manifest = json.loads((tmp_path / f"cached/{image}.manifest.json").read_text())
     root = manifest["disk"]["partitions"][-1]
     cached = describe(outputs["cached"], offset=root["start"])
-    whole = describe(outputs["whole"], offset=root["start"])
     assert len(cached) > 10_000
-    different = {
-        path for path in cached.keys() | whole.keys() if cached.get(path) != whole.get(path)
-    }
-    assert not different, sorted(different)[:20]
+    for name in outputs.keys() - {"cached"}:
+        whole = describe(outputs[name], offset=root["start"])
+        different = {
+            path for path in cached.keys() | whole.keys() if cached.get(path) != whole.get(path)
+        }
+        assert not different, (name, sorted(different)[:20])
     blkid = subprocess.run(
         ["blkid", "-p", "-O", str(root["start"]), "-o", "value", "-s", "UUID", outputs["cached"]],
         capture_output=True, text=True,

@@ -36,7 +36,7 @@ IMAGE_FILE = "root.img"
 PATHS_FILE = "paths"
 ENTRY_FILE = "entry.json"
 # Bump when what an entry holds, or how it is made, changes.
-FORMAT = 1
+FORMAT = 2  # 2: a btrfs written by the kernel, the root's size unless "auto"
 
 
 VERSION_ARGV = {"btrfs": ["mkfs.btrfs", "--version"], "ext4": ["mke2fs", "-V"]}
@@ -50,16 +50,19 @@ def mkfs_version(filesystem: str) -> str:
     return (found.stdout + found.stderr).decode(errors="replace").strip()
 
 
-def filesystem_key(stage_key: str, *, label: str, tool: str, filesystem: str, size: int) -> str:
+def filesystem_key(
+    stage_key: str, *, label: str, tool: str, filesystem: str, size: int | None
+) -> str:
+    """The entry's key; `size` None for a root sized "auto" (a btrfs then
+    has the size its content needs)."""
     inputs: dict[str, object] = {
         "stage": stage_key,
         "filesystem": filesystem,
         "label": label,
         "mkfs": tool,
         "format": FORMAT,
+        "size": size,
     }
-    if filesystem != "btrfs":  # a btrfs entry is as small as its content
-        inputs["size"] = size
     canonical = json.dumps(inputs, sort_keys=True).encode()
     return hashlib.sha256(canonical).hexdigest()[:32]
 

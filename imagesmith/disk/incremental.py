@@ -132,7 +132,7 @@ def under(ordered: list[bytes], directory: bytes) -> list[bytes]:
 
 def apply_changes(
     disk: Path, offset: int, tree: Path, found: Changes, *, size: int, uuid: str,
-    fstype: str = "btrfs",
+    fstype: str = "btrfs", what: str = "applying the build's changes to the cached btrfs",
 ) -> None:  # fmt: skip
     """Turn the copy of the cached filesystem at `offset` in `disk` into the
     filesystem of `tree`: `size` bytes (a btrfs grows to it), the UUID
@@ -149,7 +149,7 @@ def apply_changes(
             ["unshare", "--mount", "--propagation", "private",
              sys.executable, "-m", "imagesmith.host.copyin", fstype, disk, str(offset), str(size), uuid,
              work / "mnt", tree, work / "changed", work / "removed"],
-            what="applying the build's changes to the cached btrfs",
+            what=what,
         )  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)

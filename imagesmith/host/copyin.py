@@ -9,8 +9,9 @@ asked (btrfstune), mounts it, grows it to the range, then a forked child
 chroots into the mount and, with the source tree open as a directory, removes
 what is gone and copies what changed: files, directories, symlinks, device
 nodes, fifos, hard links, owners, modes, extended attributes (capabilities,
-ACLs) and times. Symlinks in the image, even absolute ones, resolve inside
-it, as the class scripts' writes do. The parent unmounts when the child is
+ACLs) and times; a whole tree (disk/filesystems.py `fill_btrfs`) with the
+files shared out among one forked child per core. Symlinks in the image,
+even absolute ones, resolve inside it, as the class scripts' writes do. The parent unmounts when the child is
 done; were it killed, the namespace goes with it and nothing stays mounted.
 
 Only this project's code runs with the image as root: no tool of the image.
@@ -119,6 +120,8 @@ def copy_one(tree: int, path: bytes, links: dict[tuple[int, int], bytes]) -> os.
         else:
             os.mknod(path, mode, st.st_rdev)
         os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+        if not stat.S_ISLNK(mode):  # mknod applied the umask
+            os.chmod(path, stat.S_IMODE(mode))
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
         return st
     if stat.S_ISDIR(mode):
@@ -143,20 +146,67 @@ def copy_one(tree: int, path: bytes, links: dict[tuple[int, int], bytes]) -> os.
     return st
 
 
+# From this many paths on (a whole tree rather than a build's changes), the
+# files are copied by one child per core: the kernel's work of writing them
+# (checksums, extents) is most of the time, and it spreads.
+PARALLEL_FROM = 20000
+
+
 def apply(tree: int, changed: list[bytes], removed: list[bytes]) -> None:
     """Inside the chroot: children are removed before their parents, parents
     made before their children, and directory times set last (making their
     entries changed them)."""
     for path in sorted(removed, reverse=True):
         remove(path)
-    links: dict[tuple[int, int], bytes] = {}
-    directories = []
-    for path in sorted(changed):
-        st = copy_one(tree, path, links)
-        if stat.S_ISDIR(st.st_mode):
-            directories.append((path, st))
+    workers = min(os.cpu_count() or 1, 4) if len(changed) >= PARALLEL_FROM else 1
+    if workers > 1:
+        directories = apply_parallel(tree, sorted(changed), workers)
+    else:
+        links: dict[tuple[int, int], bytes] = {}
+        directories = []
+        for path in sorted(changed):
+            st = copy_one(tree, path, links)
+            if stat.S_ISDIR(st.st_mode):
+                directories.append((path, st))
     for path, st in reversed(directories):
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def apply_parallel(
+    tree: int, changed: list[bytes], workers: int
+) -> list[tuple[bytes, os.stat_result]]:
+    """The directories made here first, then every other path copied by one
+    of `workers` forked children, chosen by inode so that all names of a
+    hard-linked file go to the same child. Returns the directories."""
+    directories, others = [], []
+    links: dict[tuple[int, int], bytes] = {}
+    for path in changed:
+        if stat.S_ISDIR(os.stat(path, dir_fd=tree, follow_symlinks=False).st_mode):
+            directories.append((path, copy_one(tree, path, links)))
+        else:
+            others.append(path)
+    children = []
+    for worker in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                share: dict[tuple[int, int], bytes] = {}
+                for path in others:
+                    st = os.stat(path, dir_fd=tree, follow_symlinks=False)
+                    if st.st_ino % workers == worker:
+                        copy_one(tree, path, share)
+                code = 0
+            except BaseException as e:
+                print(f"copying into the image: {e}", file=sys.stderr)
+            finally:
+                os._exit(code)
+        children.append(pid)
+    failed = [pid for pid in children if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0]
+    if failed:
+        raise OSError(f"{len(failed)} of {workers} copying processes failed")
+    return directories
 
 
 def read_list(path: str) -> list[bytes]:

@@ -16,6 +16,9 @@ No loop devices, no partition device nodes, no device-mapper, no mounts.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import time
 from pathlib import Path
 
 from imagesmith import log
@@ -24,6 +27,11 @@ from imagesmith.config.settings import AUTO_HEADROOM, AUTO_SIZE, format_size
 from imagesmith.context import BuildContext
 from imagesmith.disk.biosboot import install_bios_boot
 from imagesmith.disk.filesystems import (
+    FILL_SWITCH,
+    FS_FIXED_OVERHEAD,
+    FS_OVERHEAD,
+    fill_btrfs,
+    fill_size,
     make_btrfs_image,
     make_esp,
     make_ext4,
@@ -32,17 +40,14 @@ from imagesmith.disk.filesystems import (
 )
 from imagesmith.disk.gpt import write_partition_table
 from imagesmith.disk.sparse import sha256_with_placed
-from imagesmith.errors import ConfigError
+from imagesmith.errors import BuildError, ConfigError
 from imagesmith.host.background import in_background
 from imagesmith.stages.filesystem_base import (
     content_estimate,
     finish_root_from_base,
+    reason,
     root_from_base,
 )
-
-# ext4/btrfs metadata and slack on top of the files themselves.
-FS_OVERHEAD = 1.15
-FS_FIXED_OVERHEAD = 96 * 1024 * 1024
 
 
 def check_tree_fits(ctx: BuildContext) -> None:
@@ -73,21 +78,30 @@ def too_small(ctx: BuildContext, need: int) -> ConfigError:
 
 def make_btrfs_root(ctx: BuildContext, image: Path) -> bool:
     """The btrfs root, before the disk's partition table is written: from
-    the filesystem cache straight into the disk when it can (True), else
-    made whole in `image`, to be placed (False). With size = "auto", as small
-    as its content, and the disk sized to it plus headroom: mkfs.btrfs knows
-    what btrfs needs (many small files cost it much more than ext4), no
-    estimate does."""
-    made = root_from_base(ctx)
+    the filesystem cache, or written by the kernel, straight into the disk
+    when it can (True), else made whole in `image` by mkfs.btrfs, to be
+    placed (False). With size = "auto", the disk is sized to it plus
+    headroom: the filesystem's real size, not an estimate, except for the
+    kernel's, which is made the estimate's size (`fill_size`) and falls back
+    to mkfs.btrfs if the tree does not fit it."""
+    auto = ctx.image.settings.size == AUTO_SIZE
+    if (made := root_from_base(ctx)) is None and (filled := filled_root(ctx)) is not None:
+        if auto:  # the headroom is inside the filesystem
+            ctx.layout = resized(ctx.layout, disk_size_for(ctx.layout, filled))
+            log.info(
+                f"    size auto: a {format_size(filled)} btrfs, a {format_size(ctx.layout.size)} "
+                "disk"
+            )
+        return True
     placed = made is not None
     if made is None:
         with log.watch_growth("mkfs.btrfs", image, content_estimate(ctx)):
-            if ctx.image.settings.size == AUTO_SIZE:
+            if auto:
                 made = make_btrfs_image(image, ctx.layout.root, ctx.tree, size=None)
             else:
                 check_tree_fits(ctx)
                 made = make_btrfs_image(image, ctx.layout.root, ctx.tree, size=ctx.layout.root.size)
-    if ctx.image.settings.size == AUTO_SIZE:
+    if auto:
         ctx.layout = resized(ctx.layout, disk_size_for(ctx.layout, made + AUTO_HEADROOM))
         log.info(
             f"    size auto: a {format_size(made)} btrfs, a {format_size(ctx.layout.size)} disk"
@@ -95,6 +109,34 @@ def make_btrfs_root(ctx: BuildContext, image: Path) -> bool:
     elif made > ctx.layout.root.size:
         raise too_small(ctx, made)
     return placed
+
+
+def filled_root(ctx: BuildContext) -> int | None:
+    """The btrfs root written by the kernel straight into the disk
+    (disk/filesystems.py `fill_btrfs`); its size. None where it cannot be
+    (no loop device, the tree bigger than its estimate, or
+    IMAGESMITH_KERNEL_FILL=0), said in the log, with the disk cut back."""
+    if os.environ.get(FILL_SWITCH) == "0":
+        return None
+    root = ctx.layout.root
+    if ctx.image.settings.size == AUTO_SIZE:
+        used = tree_size(ctx.tree)
+        size = fill_size(used)
+    else:
+        check_tree_fits(ctx)
+        used, size = content_estimate(ctx), root.size
+    started = time.monotonic()
+    try:
+        with log.watch_growth("btrfs", ctx.disk, used):
+            fill_btrfs(ctx.disk, dataclasses.replace(root, size=size), ctx.tree,
+                       offset=root.start, scratch=ctx.workdir)  # fmt: skip
+    except BuildError as e:
+        if ctx.disk.exists():
+            os.truncate(ctx.disk, root.start)
+        log.info(f"    the kernel could not write the btrfs ({reason(e)}); mkfs.btrfs makes it")
+        return None
+    log.info(f"    btrfs written by the kernel in {time.monotonic() - started:.1f}s")
+    return size
 
 
 def place_btrfs(ctx: BuildContext, btrfs: Path) -> None:

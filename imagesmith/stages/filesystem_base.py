@@ -31,10 +31,18 @@ from imagesmith.cache import filesystems as fscache
 from imagesmith.cache.entries import CacheUse
 from imagesmith.cache.stages import TREE_FILE, UNPACKED_DIR
 from imagesmith.cache.stages import entry_dir as stage_entry_dir
+from imagesmith.config.layout import Partition
 from imagesmith.config.settings import AUTO_SIZE, format_size
 from imagesmith.context import BuildContext
 from imagesmith.disk import incremental
-from imagesmith.disk.filesystems import make_btrfs_image, make_ext4, tree_size
+from imagesmith.disk.filesystems import (
+    FILL_SWITCH,
+    fill_btrfs,
+    fill_size,
+    make_btrfs_image,
+    make_ext4,
+    tree_size,
+)
 from imagesmith.disk.sparse import (
     copy_sparse,
     copy_sparse_apart,
@@ -65,7 +73,7 @@ def prepare_filesystem_base(ctx: BuildContext) -> None:
     fs = root.filesystem
     key = fscache.filesystem_key(
         ctx.tree_key, label=root.label, tool=fscache.mkfs_version(fs), filesystem=fs,
-        size=root.size,
+        size=None if ctx.image.settings.size == AUTO_SIZE else root.size,
     )  # fmt: skip
     with fscache.locked(ctx.cache_dir, key):
         entry = fscache.usable_entry(ctx.cache_dir, key)
@@ -112,7 +120,7 @@ def make_base(ctx: BuildContext, key: str) -> Path | None:
                 pristine = stage_entry_dir(ctx.cache_dir, ctx.tree_key) / UNPACKED_DIR
             with log.watch_growth(f"mkfs.{part.filesystem}", image, content_estimate(ctx)):
                 if part.filesystem == "btrfs":
-                    make_btrfs_image(image, part, pristine, size=None)
+                    make_base_btrfs(ctx, image, part, pristine)
                 else:
                     image.touch()
                     make_ext4(image, dataclasses.replace(part, start=0), pristine)
@@ -122,6 +130,22 @@ def make_base(ctx: BuildContext, key: str) -> Path | None:
         entries.warn_not_saved("the package stage's btrfs", final, reason(e))
         return None
     return final
+
+
+def make_base_btrfs(ctx: BuildContext, image: Path, part: Partition, tree: Path) -> None:
+    """The cached btrfs written by the kernel (`fill_btrfs`), the estimate's
+    size or the root's; else, as small as mkfs.btrfs makes it."""
+    if os.environ.get(FILL_SWITCH) != "0":
+        auto = ctx.image.settings.size == AUTO_SIZE
+        size = fill_size(tree_size(tree)) if auto else part.size
+        try:
+            fill_btrfs(image, dataclasses.replace(part, size=size), tree, offset=0,
+                       scratch=ctx.workdir)  # fmt: skip
+            return
+        except BuildError as e:
+            image.unlink(missing_ok=True)
+            log.info(f"    the kernel could not write the btrfs ({reason(e)}); mkfs.btrfs makes it")
+    make_btrfs_image(image, part, tree, size=None)
 
 
 def reason(error: BuildError | OSError) -> str:
