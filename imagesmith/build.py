@@ -50,6 +50,7 @@ from imagesmith.stages.assemble_container import assemble_container
 from imagesmith.stages.assemble_disk import assemble_disk
 from imagesmith.stages.bootsetup import configure_boot
 from imagesmith.stages.bootstrap import install_packages
+from imagesmith.stages.cached_tree import PRISTINE_DIR
 from imagesmith.stages.customize import customize_tree
 from imagesmith.stages.filesystem_base import prepare_filesystem_base
 from imagesmith.stages.finalize import finalize_tree
@@ -326,8 +327,8 @@ def build_one(
 
 
 def remove_trees(ctx: BuildContext) -> None:
-    """Remove the build's tree, and the overlay's writes when it was mounted."""
-    for path in (ctx.tree, ctx.overlay_scratch):
+    """Remove the build's tree, and the overlay's layers when it was mounted."""
+    for path in (ctx.tree, ctx.overlay_scratch, ctx.workdir / PRISTINE_DIR):
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -46,11 +46,19 @@ class BuildContext:
     # restored from; for a stage made from a parent stage (derived.py), the
     # parent's key: its cached btrfs and scan are what the build changes.
     tree_key: str = ""
+    # bootstrap -> filesystem base: the package stage's tree as it stands in
+    # the stage cache, and its key: what the cached btrfs is made from. When
+    # the tree is mounted, its read-only lower layer (the stage's unpacked
+    # tree, or after a stage cache miss the tree mmdebstrap just made, moved
+    # aside: the cached btrfs is then made while the classes work).
+    pristine_tree: Path | None = None
+    pristine_key: str = ""
     initramfs_cache: CacheUse | None = None
     # filesystem base -> assemble: the cached btrfs of the package stage's tree,
     # the ctime mark after which the tree differs from it, and its copy being
     # made meanwhile (its size when done)
     filesystem_base: Path | None = None
+    base_made: Future[Path] | None = None  # the entry, once made (at once on a hit)
     filesystem_cache: CacheUse | None = None  # -> manifest; hit: the root was made from it
     tree_mark: int = 0
     base_copy: Future[int] | None = None

@@ -26,7 +26,7 @@ from imagesmith.disk import incremental
 from imagesmith.disk.filesystems import fill_btrfs
 from imagesmith.disk.sparse import sha256_file
 from imagesmith.host.copyin import PARALLEL_FROM
-from tests.conftest import EXAMPLES, imagesmith
+from tests.conftest import EXAMPLES, empty_stage_cache, imagesmith
 
 # Prints {path: description} of a mounted root, for comparing two filesystems.
 DESCRIBE = r"""
@@ -241,6 +241,38 @@ def test_a_root_from_the_filesystem_cache_matches_a_whole_mkfs(
     # Hashed from the pieces while they were copied (btrfs), or as written:
     # the same as reading the file.
     assert manifest["outputs"]["raw"]["sha256"] == sha256_file(outputs["cached"])
+
+
+@pytest.mark.build
+def test_a_cold_build_makes_the_cached_btrfs_while_the_classes_work(tmp_path: Path) -> None:
+    """After a stage cache miss, the tree mmdebstrap made is the overlay's
+    lower layer: the cached btrfs is made from it in the background, the
+    build's root is that plus its changes, and the next build hits it."""
+    cache = empty_stage_cache(tmp_path)
+    runs = {}
+    for name in ("cold", "warm"):
+        result = imagesmith(
+            "build", "-C", EXAMPLES, "-o", tmp_path / name, "--cache-dir", cache,
+            "--uuid-seed", "same", "server-btrfs",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = result.stderr
+    assert "stage cache miss" in runs["cold"]
+    assert "making the package stage's btrfs meanwhile" in runs["cold"], runs["cold"][-3000:]
+    assert "btrfs from the filesystem cache" in runs["cold"], runs["cold"][-3000:]
+    assert "filesystem cache hit" in runs["warm"], runs["warm"][-3000:]
+    assert "btrfs from the filesystem cache" in runs["warm"]
+    manifest = json.loads((tmp_path / "cold/server-btrfs.manifest.json").read_text())
+    assert manifest["caches"]["filesystem_cache"]["hit"] is False
+    root = manifest["disk"]["partitions"][-1]
+    raw = {name: tmp_path / name / "server-btrfs.raw" for name in runs}
+    cold = describe(raw["cold"], offset=root["start"])
+    assert len(cold) > 10_000
+    assert cold == describe(raw["warm"], offset=root["start"])
+    checked = fsck(raw["cold"], root["start"], root["size"], "btrfs")
+    assert checked.returncode == 0, (checked.stdout + checked.stderr)[-3000:]
+    assert manifest["outputs"]["raw"]["sha256"] == sha256_file(raw["cold"])
+    assert not list(cache.glob("filesystems/.tmp-*/"))  # no half-made entry left
 
 
 @pytest.mark.build

@@ -120,7 +120,7 @@ def fill_btrfs(disk: Path, part: Partition, tree: Path, *, offset: int, scratch:
     everything = sorted(incremental.tree_state(tree))
     incremental.apply_changes(
         disk, offset, tree, incremental.Changes(everything, [], 0), size=part.size, uuid="",
-        what="copying the tree into a new btrfs",
+        what="copying the tree into a new btrfs", scratch=scratch,
     )  # fmt: skip
 
 

@@ -133,14 +133,15 @@ def under(ordered: list[bytes], directory: bytes) -> list[bytes]:
 def apply_changes(
     disk: Path, offset: int, tree: Path, found: Changes, *, size: int, uuid: str,
     fstype: str = "btrfs", what: str = "applying the build's changes to the cached btrfs",
+    scratch: Path | None = None,
 ) -> None:  # fmt: skip
     """Turn the copy of the cached filesystem at `offset` in `disk` into the
     filesystem of `tree`: `size` bytes (a btrfs grows to it), the UUID
     `uuid`, the changes applied (host/copyin.py, in a mount namespace of its
-    own)."""
+    own). Its lists and mount point go in `scratch` (default: beside the tree)."""
     if disk.stat().st_size < offset + size:
         os.truncate(disk, offset + size)
-    work = Path(tempfile.mkdtemp(prefix="apply-", dir=tree.parent))
+    work = Path(tempfile.mkdtemp(prefix="apply-", dir=scratch or tree.parent))
     try:
         (work / "changed").write_bytes(b"".join(path + b"\0" for path in found.changed))
         (work / "removed").write_bytes(b"".join(path + b"\0" for path in found.removed))

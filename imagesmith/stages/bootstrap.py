@@ -43,7 +43,7 @@ from imagesmith.host.aptsources import archive_mirror
 from imagesmith.host.run import run
 from imagesmith.host.sandbox import private_mounts_argv
 from imagesmith.stages import derived, sharing
-from imagesmith.stages.cached_tree import restore_cached_tree
+from imagesmith.stages.cached_tree import mount_made_tree, restore_cached_tree
 from imagesmith.stages.derived import install_on_parent
 from imagesmith.tree import aptsources, initramfs
 from imagesmith.tree.aptsources import BuildSources, prepare_build_sources
@@ -194,8 +194,11 @@ def install_packages(ctx: BuildContext) -> None:
                     )
             except BuildError as e:
                 raise explain_apt_error(ctx, e) from e
+            # A stage made on a parent is the build's tree itself (its lower
+            # layer is the parent's).
+            made = (None if parent else mount_made_tree(ctx, key)) or ctx.tree
             info = {"image": image.name, "inputs": inputs, "parent": parent}
-            stagecache.save_tree(ctx.cache_dir, key, ctx.tree, info)
+            stagecache.save_tree(ctx.cache_dir, key, made, info)
             remote = sharing.push(ctx, key, STAGE, remote)
         ctx.stage_cache = CacheUse(key, hit=False, remote=remote)
     finally:

@@ -6,12 +6,17 @@ how a tree is restored does not change what is in it.
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 from imagesmith import log
 from imagesmith.cache import stages as stagecache
 from imagesmith.context import BuildContext
 from imagesmith.host import overlay
+
+# In the work directory: the tree mmdebstrap made, under the build's (mount_made_tree).
+PRISTINE_DIR = "pristine"
 
 
 def restore_cached_tree(ctx: BuildContext, key: str) -> bool:
@@ -19,7 +24,9 @@ def restore_cached_tree(ctx: BuildContext, key: str) -> bool:
     where that can be done (host/overlay.py), else extracted; False on a
     miss. The caller holds the key's lock."""
     if restored := mount_or_extract(ctx, key):
-        ctx.tree_key = key
+        ctx.tree_key = ctx.pristine_key = key
+        if not ctx.tree_overlay:  # extracted: the tree itself, until the classes change it
+            ctx.pristine_tree = ctx.tree
     return restored
 
 
@@ -41,4 +48,30 @@ def mount_or_extract(ctx: BuildContext, key: str) -> bool:
         return stagecache.restore_tree(ctx.cache_dir, key, ctx.tree)
     ctx.closing.callback(overlay.unmount, ctx.tree)
     ctx.tree_overlay = True
+    ctx.pristine_tree = lower
     return True
+
+
+def mount_made_tree(ctx: BuildContext, key: str) -> Path | None:
+    """After a stage cache miss: the tree mmdebstrap made, moved aside, as
+    the read-only lower layer of the build's tree, so that it stays what the
+    stage cache keeps while the classes change the build's view of it, and
+    the cached btrfs can be made from it meanwhile. Nothing happens where
+    no overlay can be mounted: the build then works on the tree itself.
+    Returns where the made tree now is, or None."""
+    made = ctx.workdir / PRISTINE_DIR
+    if not overlay.usable(ctx.workdir):
+        return None
+    os.rename(ctx.tree, made)
+    try:
+        overlay.mount_overlay(made, ctx.overlay_scratch, ctx.tree)
+    except OSError as e:
+        log.debug(f"    the new tree could not be mounted ({e}); the build changes it in place")
+        for path in (ctx.tree, ctx.overlay_scratch):
+            shutil.rmtree(path, ignore_errors=True)
+        os.rename(made, ctx.tree)
+        return None
+    ctx.closing.callback(overlay.unmount, ctx.tree)
+    ctx.tree_overlay = True
+    ctx.pristine_tree, ctx.pristine_key = made, key
+    return made

@@ -29,7 +29,7 @@ from imagesmith import log
 from imagesmith.cache import entries
 from imagesmith.cache import filesystems as fscache
 from imagesmith.cache.entries import CacheUse
-from imagesmith.cache.stages import TREE_FILE, UNPACKED_DIR
+from imagesmith.cache.stages import TREE_FILE
 from imagesmith.cache.stages import entry_dir as stage_entry_dir
 from imagesmith.config.layout import Partition
 from imagesmith.config.settings import AUTO_SIZE, format_size
@@ -64,7 +64,7 @@ def prepare_filesystem_base(ctx: BuildContext) -> None:
         or root.filesystem not in fscache.VERSION_ARGV
         # An ext4 entry has the root's size, which "auto" takes from the tree.
         or (root.filesystem == "ext4" and ctx.image.settings.size == AUTO_SIZE)
-        or not ctx.tree_key
+        or ctx.pristine_tree is None
         # A stage made from a parent, extracted: no pristine copy to make it from.
         or (not ctx.tree_overlay and ctx.stage_cache is not None and not ctx.stage_cache.hit)
         or os.environ.get(SWITCH) == "0"
@@ -72,31 +72,59 @@ def prepare_filesystem_base(ctx: BuildContext) -> None:
         return
     fs = root.filesystem
     key = fscache.filesystem_key(
-        ctx.tree_key, label=root.label, tool=fscache.mkfs_version(fs), filesystem=fs,
+        ctx.pristine_key, label=root.label, tool=fscache.mkfs_version(fs), filesystem=fs,
         size=None if ctx.image.settings.size == AUTO_SIZE else root.size,
     )  # fmt: skip
     with fscache.locked(ctx.cache_dir, key):
         entry = fscache.usable_entry(ctx.cache_dir, key)
-        ctx.filesystem_cache = CacheUse(key, hit=entry is not None)
-        if entry is not None:
-            log.info(f"    filesystem cache hit {key}")
-        else:
-            log.info(f"    filesystem cache miss {key}: making the package stage's {fs} once")
-            entry = make_base(ctx, key)
-    if entry is None:
-        return
-    ctx.filesystem_base = entry
+    ctx.filesystem_cache = CacheUse(key, hit=entry is not None)
+    made: Future[Path]
+    if entry is not None:
+        log.info(f"    filesystem cache hit {key}")
+        made = done(entry)
+    elif ctx.tree_overlay:
+        # The pristine tree is the overlay's read-only lower layer: the
+        # entry is made from it while the classes change the build's view.
+        log.info(f"    filesystem cache miss {key}: making the package stage's {fs} meanwhile")
+        made = in_background(locked_base, ctx, key, ctx.pristine_tree, shown=False)
+    else:
+        log.info(f"    filesystem cache miss {key}: making the package stage's {fs} once")
+        try:
+            made = done(locked_base(ctx, key, ctx.pristine_tree, shown=True))
+        except BuildError:
+            return
+    ctx.filesystem_base = fscache.entry_dir(ctx.cache_dir, key)
+    ctx.base_made = made
     ctx.tree_mark = ctx.tree_mark or incremental.mark(ctx.workdir)
     # Copied into the disk, at the root's offset, while the classes work,
     # and a btrfs's metadata apart, given this build's UUID, for the changes.
-    ctx.base_copy = in_background(copy_base, entry, ctx.disk, root.start)
+    ctx.base_copy = in_background(copy_base, made, ctx.disk, root.start)
     if fs == "btrfs":
         ctx.base_metadata = in_background(
-            base_metadata, entry, ctx.workdir / "root-metadata.btrfs", root.fs_uuid
+            base_metadata, made, ctx.workdir / "root-metadata.btrfs", root.fs_uuid
         )
     # A build that fails before assembly waits for them (their commands are
     # children of this process), so none outlives it.
-    ctx.closing.callback(settle, ctx.base_copy, ctx.base_metadata)
+    ctx.closing.callback(settle, made, ctx.base_copy, ctx.base_metadata)
+
+
+def done(value: Path) -> Future[Path]:
+    future: Future[Path] = Future()
+    future.set_result(value)
+    return future
+
+
+def locked_base(ctx: BuildContext, key: str, pristine: Path, *, shown: bool) -> Path:
+    """The entry for `key`, made from `pristine` unless another build made it
+    while this one waited for the lock; raises BuildError when it could not
+    be made (said in a warning)."""
+    with fscache.locked(ctx.cache_dir, key):
+        entry = fscache.usable_entry(ctx.cache_dir, key) or make_base(
+            ctx, key, pristine, shown=shown
+        )
+    if entry is None:
+        raise BuildError("the package stage's filesystem could not be kept")
+    return entry
 
 
 def settle(*futures: Future[Any] | None) -> None:
@@ -107,18 +135,17 @@ def settle(*futures: Future[Any] | None) -> None:
                 future.result()
 
 
-def make_base(ctx: BuildContext, key: str) -> Path | None:
+def make_base(ctx: BuildContext, key: str, pristine: Path, *, shown: bool) -> Path | None:
+    """The entry for `key`, made from `pristine`; its progress `shown` as
+    the stage's (not from a background thread). None, with a warning, when
+    it could not be made."""
     part = dataclasses.replace(ctx.layout.root, fs_uuid=str(uuid.uuid4()))
     final = fscache.entry_dir(ctx.cache_dir, key)
     try:
         with fscache.new_filesystem(ctx.cache_dir, key, {"uuid": part.fs_uuid}) as temp:
             image = temp / fscache.IMAGE_FILE
-            # The cached tree itself where it is mounted: a stage made from
-            # a parent has changed the build's view of it already.
-            pristine = ctx.tree
-            if ctx.tree_overlay:
-                pristine = stage_entry_dir(ctx.cache_dir, ctx.tree_key) / UNPACKED_DIR
-            with log.watch_growth(f"mkfs.{part.filesystem}", image, content_estimate(ctx)):
+            watch = log.watch_growth(f"mkfs.{part.filesystem}", image, content_estimate(ctx))
+            with watch if shown else contextlib.nullcontext():
                 if part.filesystem == "btrfs":
                     make_base_btrfs(ctx, image, part, pristine)
                 else:
@@ -172,11 +199,14 @@ def root_from_base(ctx: BuildContext) -> int | None:
     could not be used (said in a warning): the caller then makes the whole
     filesystem."""
     entry = ctx.filesystem_base
-    if entry is None or ctx.base_copy is None:
+    if entry is None or ctx.base_copy is None or ctx.base_made is None:
         return None
     root = ctx.layout.root
     metadata = None
     try:
+        making = time.monotonic()
+        ctx.base_made.result()  # made while the classes worked, on a miss
+        making = time.monotonic() - making
         # What changed is listed while the copies may still be running.
         found = listed_changes(ctx, fscache.recorded_paths(entry))
         waited = time.monotonic()
@@ -214,6 +244,8 @@ def root_from_base(ctx: BuildContext) -> int | None:
         give_up_base(ctx, e)
         return None
     applied = time.monotonic() - applying
+    if making >= 0.1:
+        log.info(f"    waited {making:.1f}s for the package stage's {root.filesystem} to be made")
     log.info(
         f"    {root.filesystem} from the filesystem cache ({waited:.1f}s waiting for its "
         f"{'metadata' if metadata else 'copy'}, {applied:.1f}s applying): {len(found.changed)} "
@@ -279,17 +311,20 @@ def listed_changes(ctx: BuildContext, cached_paths: set[bytes]) -> incremental.C
     return incremental.changes(ctx.tree, ctx.tree_mark, cached_paths)
 
 
-def base_metadata(entry: Path, target: Path, uuid: str) -> Path | None:
+def base_metadata(made: Future[Path], target: Path, uuid: str) -> Path | None:
     """The cached btrfs's metadata alone in `target`, with the filesystem
-    UUID `uuid` (disk/incremental.py); None when it cannot be had so."""
+    UUID `uuid` (disk/incremental.py), once the entry is `made`; None when
+    it cannot be had so."""
+    entry = made.result()
     return target if incremental.metadata_copy(entry / fscache.IMAGE_FILE, target, uuid) else None
 
 
-def copy_base(entry: Path, disk: Path, offset: int) -> int:
-    """Copy the entry's filesystem into `disk` at `offset` (in a child
-    process), hashing it on the way (a second reader on another core) unless
-    it matched its SHA-256 before and nothing wrote it since; its size. A
-    mismatch discards the entry."""
+def copy_base(made: Future[Path], disk: Path, offset: int) -> int:
+    """Once the entry is `made`, copy its filesystem into `disk` at `offset`
+    (in a child process), hashing it on the way (a second reader on another
+    core) unless it matched its SHA-256 before and nothing wrote it since;
+    its size. A mismatch discards the entry."""
+    entry = made.result()
     source = entry / fscache.IMAGE_FILE
     size = source.stat().st_size
     digest = None
