@@ -2,16 +2,17 @@
 assembly to change instead of making the whole filesystem again
 (disk/incremental.py).
 
-Needs: `ctx.tree` exactly as the stage cache restored it.
-Produces: `ctx.filesystem_base` (the cache entry), `ctx.tree_mark`, and the
-copies under way (`ctx.base_copy`, `ctx.base_metadata`).
+Needs: `ctx.pristine_tree` and `ctx.pristine_key` (stages/cached_tree.py):
+the package stage's tree as the stage cache keeps it.
+Produces: `ctx.filesystem_base` (the cache entry), `ctx.base_made` (the
+entry, once made), `ctx.tree_mark`, and the copies under way
+(`ctx.base_copy`, `ctx.base_metadata`).
 
-Runs for disk images whose package stage came from the stage cache (an
-ext4 one of a fixed size): a tree mmdebstrap just made is kept in the cache
-as the tar it restores from, not byte for byte as it stands, so the cached
-filesystem is made from a restored tree only. The first such build makes the entry (as long as a whole
-filesystem takes); the ones after copy it. `IMAGESMITH_FILESYSTEM_CACHE=0`
-turns this off.
+Runs for disk images (an ext4 one of a fixed size). The first build of a
+package stage makes the entry: in the background when the pristine tree is
+the read-only lower layer of the build's (mounted after a stage cache miss
+or hit), else before the classes change it. The builds after copy it.
+`IMAGESMITH_FILESYSTEM_CACHE=0` turns this off.
 """
 
 from __future__ import annotations
