@@ -15,10 +15,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from imagesmith import log
 from imagesmith.config.layout import Partition
 from imagesmith.config.settings import AUTO_HEADROOM, MiB
 from imagesmith.disk import incremental
 from imagesmith.disk.sparse import copy_sparse, scratch_file
+from imagesmith.errors import BuildError
 from imagesmith.host.run import run
 
 INODE_SIZE = 256
@@ -99,7 +101,10 @@ def make_btrfs_image(image: Path, part: Partition, tree: Path, *, size: int | No
     return image.stat().st_size
 
 
-def fill_btrfs(disk: Path, part: Partition, tree: Path, *, offset: int, scratch: Path) -> None:
+def fill_btrfs(
+    disk: Path, part: Partition, tree: Path, *, offset: int, scratch: Path,
+    paths: list[bytes] | None = None,
+) -> None:  # fmt: skip
     """A btrfs of `tree`, `part.size` bytes, at `offset` in `disk`, written by
     the kernel instead of by `mkfs.btrfs --rootdir`: mkfs.btrfs makes it
     empty in a sparse scratch file, whose few written blocks are copied in,
@@ -108,7 +113,7 @@ def fill_btrfs(disk: Path, part: Partition, tree: Path, *, offset: int, scratch:
     against 47 s for btrfs-progs 6.2's --rootdir, and its chunks are
     filled, not a third empty. Needs a loop device: raises BuildError where
     there is none, or when the tree does not fit (the caller then makes it
-    with mkfs.btrfs)."""
+    with mkfs.btrfs). `paths`: the tree's, sorted, when the caller has them."""
     with scratch_file(scratch, "empty-btrfs-", part.size) as empty:
         run(
             ["mkfs.btrfs", "-q", "-f", "-L", part.label, "-U", part.fs_uuid, os.fspath(empty)],
@@ -117,11 +122,31 @@ def fill_btrfs(disk: Path, part: Partition, tree: Path, *, offset: int, scratch:
         if not disk.exists():
             disk.touch()
         copy_sparse(empty, disk, offset=offset)
-    everything = sorted(incremental.tree_state(tree))
+    everything = sorted(incremental.tree_state(tree)) if paths is None else paths
     incremental.apply_changes(
         disk, offset, tree, incremental.Changes(everything, [], 0), size=part.size, uuid="",
         what="copying the tree into a new btrfs", scratch=scratch,
     )  # fmt: skip
+
+
+def kernel_filled(
+    disk: Path, part: Partition, tree: Path, *, offset: int, scratch: Path,
+    paths: list[bytes] | None = None,
+) -> bool:  # fmt: skip
+    """`fill_btrfs` unless IMAGESMITH_KERNEL_FILL=0; False where it could not
+    (said in the log, the disk cut back to `offset`): mkfs.btrfs is then
+    the caller's to run."""
+    if os.environ.get(FILL_SWITCH) == "0":
+        return False
+    try:
+        fill_btrfs(disk, part, tree, offset=offset, scratch=scratch, paths=paths)
+    except BuildError as e:
+        if disk.exists():
+            os.truncate(disk, offset)
+        said = e.message.splitlines()[0]
+        log.info(f"    the kernel could not write the btrfs ({said}); mkfs.btrfs makes it")
+        return False
+    return True
 
 
 def fill_size(tree_bytes: int) -> int:

@@ -181,10 +181,11 @@ def apply_parallel(
     directories, others = [], []
     links: dict[tuple[int, int], bytes] = {}
     for path in changed:
-        if stat.S_ISDIR(os.stat(path, dir_fd=tree, follow_symlinks=False).st_mode):
+        st = os.stat(path, dir_fd=tree, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
             directories.append((path, copy_one(tree, path, links)))
         else:
-            others.append(path)
+            others.append((path, st.st_ino))
     children = []
     for worker in range(workers):
         pid = os.fork()
@@ -193,9 +194,8 @@ def apply_parallel(
             try:
                 _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
                 share: dict[tuple[int, int], bytes] = {}
-                for path in others:
-                    st = os.stat(path, dir_fd=tree, follow_symlinks=False)
-                    if st.st_ino % workers == worker:
+                for path, inode in others:
+                    if inode % workers == worker:
                         copy_one(tree, path, share)
                 code = 0
             except BaseException as e:

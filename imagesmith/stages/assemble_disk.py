@@ -17,7 +17,6 @@ No loop devices, no partition device nodes, no device-mapper, no mounts.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 
@@ -27,11 +26,10 @@ from imagesmith.config.settings import AUTO_HEADROOM, AUTO_SIZE, format_size
 from imagesmith.context import BuildContext
 from imagesmith.disk.biosboot import install_bios_boot
 from imagesmith.disk.filesystems import (
-    FILL_SWITCH,
     FS_FIXED_OVERHEAD,
     FS_OVERHEAD,
-    fill_btrfs,
     fill_size,
+    kernel_filled,
     make_btrfs_image,
     make_esp,
     make_ext4,
@@ -40,12 +38,11 @@ from imagesmith.disk.filesystems import (
 )
 from imagesmith.disk.gpt import write_partition_table
 from imagesmith.disk.sparse import sha256_with_placed
-from imagesmith.errors import BuildError, ConfigError
+from imagesmith.errors import ConfigError
 from imagesmith.host.background import in_background
 from imagesmith.stages.filesystem_base import (
     content_estimate,
     finish_root_from_base,
-    reason,
     root_from_base,
 )
 
@@ -82,17 +79,12 @@ def make_btrfs_root(ctx: BuildContext, image: Path) -> bool:
     when it can (True), else made whole in `image` by mkfs.btrfs, to be
     placed (False). With size = "auto", the disk is sized to it plus
     headroom: the filesystem's real size, not an estimate, except for the
-    kernel's, which is made the estimate's size (`fill_size`) and falls back
-    to mkfs.btrfs if the tree does not fit it."""
+    kernel's, which is made the estimate's size (`fill_size`, the headroom
+    inside it) and falls back to mkfs.btrfs if the tree does not fit it."""
     auto = ctx.image.settings.size == AUTO_SIZE
-    if (made := root_from_base(ctx)) is None and (filled := filled_root(ctx)) is not None:
-        if auto:  # the headroom is inside the filesystem
-            ctx.layout = resized(ctx.layout, disk_size_for(ctx.layout, filled))
-            log.info(
-                f"    size auto: a {format_size(filled)} btrfs, a {format_size(ctx.layout.size)} "
-                "disk"
-            )
-        return True
+    made, headroom = root_from_base(ctx), AUTO_HEADROOM
+    if made is None and (made := filled_root(ctx)) is not None:
+        headroom = 0
     placed = made is not None
     if made is None:
         with log.watch_growth("mkfs.btrfs", image, content_estimate(ctx)):
@@ -102,7 +94,7 @@ def make_btrfs_root(ctx: BuildContext, image: Path) -> bool:
                 check_tree_fits(ctx)
                 made = make_btrfs_image(image, ctx.layout.root, ctx.tree, size=ctx.layout.root.size)
     if auto:
-        ctx.layout = resized(ctx.layout, disk_size_for(ctx.layout, made + AUTO_HEADROOM))
+        ctx.layout = resized(ctx.layout, disk_size_for(ctx.layout, made + headroom))
         log.info(
             f"    size auto: a {format_size(made)} btrfs, a {format_size(ctx.layout.size)} disk"
         )
@@ -113,11 +105,8 @@ def make_btrfs_root(ctx: BuildContext, image: Path) -> bool:
 
 def filled_root(ctx: BuildContext) -> int | None:
     """The btrfs root written by the kernel straight into the disk
-    (disk/filesystems.py `fill_btrfs`); its size. None where it cannot be
-    (no loop device, the tree bigger than its estimate, or
-    IMAGESMITH_KERNEL_FILL=0), said in the log, with the disk cut back."""
-    if os.environ.get(FILL_SWITCH) == "0":
-        return None
+    (disk/filesystems.py `kernel_filled`); its size, or None where it could
+    not be."""
     root = ctx.layout.root
     if ctx.image.settings.size == AUTO_SIZE:
         used = tree_size(ctx.tree)
@@ -126,15 +115,10 @@ def filled_root(ctx: BuildContext) -> int | None:
         check_tree_fits(ctx)
         used, size = content_estimate(ctx), root.size
     started = time.monotonic()
-    try:
-        with log.watch_growth("btrfs", ctx.disk, used):
-            fill_btrfs(ctx.disk, dataclasses.replace(root, size=size), ctx.tree,
-                       offset=root.start, scratch=ctx.workdir)  # fmt: skip
-    except BuildError as e:
-        if ctx.disk.exists():
-            os.truncate(ctx.disk, root.start)
-        log.info(f"    the kernel could not write the btrfs ({reason(e)}); mkfs.btrfs makes it")
-        return None
+    with log.watch_growth("btrfs", ctx.disk, used):
+        if not kernel_filled(ctx.disk, dataclasses.replace(root, size=size), ctx.tree,
+                             offset=root.start, scratch=ctx.workdir):  # fmt: skip
+            return None
     log.info(f"    btrfs written by the kernel in {time.monotonic() - started:.1f}s")
     return size
 

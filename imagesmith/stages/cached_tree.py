@@ -39,17 +39,26 @@ def mount_or_extract(ctx: BuildContext, key: str) -> bool:
     if lower is None:
         return False
     ctx.closing.enter_context(stagecache.in_use(ctx.cache_dir, key))
+    if (refused := mount_tree(ctx, lower)) is not None:
+        log.warn(f"could not mount the cached tree ({refused}); extracting it instead")
+        return stagecache.restore_tree(ctx.cache_dir, key, ctx.tree)
+    return True
+
+
+def mount_tree(ctx: BuildContext, lower: Path) -> OSError | None:
+    """The build's tree as an overlay with `lower` its read-only lower layer,
+    unmounted when the build closes; the kernel's refusal, with what was
+    made for the mount removed, or None."""
     try:
         overlay.mount_overlay(lower, ctx.overlay_scratch, ctx.tree)
     except OSError as e:
-        log.warn(f"could not mount the cached tree ({e}); extracting it instead")
         for path in (ctx.tree, ctx.overlay_scratch):
             shutil.rmtree(path, ignore_errors=True)
-        return stagecache.restore_tree(ctx.cache_dir, key, ctx.tree)
+        return e
     ctx.closing.callback(overlay.unmount, ctx.tree)
     ctx.tree_overlay = True
     ctx.pristine_tree = lower
-    return True
+    return None
 
 
 def mount_made_tree(ctx: BuildContext, key: str) -> Path | None:
@@ -63,15 +72,11 @@ def mount_made_tree(ctx: BuildContext, key: str) -> Path | None:
     if not overlay.usable(ctx.workdir):
         return None
     os.rename(ctx.tree, made)
-    try:
-        overlay.mount_overlay(made, ctx.overlay_scratch, ctx.tree)
-    except OSError as e:
-        log.debug(f"    the new tree could not be mounted ({e}); the build changes it in place")
-        for path in (ctx.tree, ctx.overlay_scratch):
-            shutil.rmtree(path, ignore_errors=True)
+    if (refused := mount_tree(ctx, made)) is not None:
+        log.debug(
+            f"    the new tree could not be mounted ({refused}); the build changes it in place"
+        )
         os.rename(made, ctx.tree)
         return None
-    ctx.closing.callback(overlay.unmount, ctx.tree)
-    ctx.tree_overlay = True
-    ctx.pristine_tree, ctx.pristine_key = made, key
+    ctx.pristine_key = key
     return made

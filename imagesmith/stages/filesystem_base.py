@@ -37,9 +37,8 @@ from imagesmith.config.settings import AUTO_SIZE, format_size
 from imagesmith.context import BuildContext
 from imagesmith.disk import incremental
 from imagesmith.disk.filesystems import (
-    FILL_SWITCH,
-    fill_btrfs,
     fill_size,
+    kernel_filled,
     make_btrfs_image,
     make_ext4,
     tree_size,
@@ -145,35 +144,33 @@ def make_base(ctx: BuildContext, key: str, pristine: Path, *, shown: bool) -> Pa
     try:
         with fscache.new_filesystem(ctx.cache_dir, key, {"uuid": part.fs_uuid}) as temp:
             image = temp / fscache.IMAGE_FILE
-            watch = log.watch_growth(f"mkfs.{part.filesystem}", image, content_estimate(ctx))
-            with watch if shown else contextlib.nullcontext():
+            paths = sorted(incremental.tree_state(pristine))
+            with (
+                log.watch_growth(f"mkfs.{part.filesystem}", image, content_estimate(ctx))
+                if shown
+                else contextlib.nullcontext()
+            ):
                 if part.filesystem == "btrfs":
-                    make_base_btrfs(ctx, image, part, pristine)
+                    make_base_btrfs(ctx, image, part, pristine, paths)
                 else:
                     image.touch()
                     make_ext4(image, dataclasses.replace(part, start=0), pristine)
-            paths = incremental.tree_state(pristine)
-            (temp / fscache.PATHS_FILE).write_bytes(b"\0".join(sorted(paths)))
+            (temp / fscache.PATHS_FILE).write_bytes(b"\0".join(paths))
     except (BuildError, OSError) as e:
         entries.warn_not_saved("the package stage's btrfs", final, reason(e))
         return None
     return final
 
 
-def make_base_btrfs(ctx: BuildContext, image: Path, part: Partition, tree: Path) -> None:
-    """The cached btrfs written by the kernel (`fill_btrfs`), the estimate's
-    size or the root's; else, as small as mkfs.btrfs makes it."""
-    if os.environ.get(FILL_SWITCH) != "0":
-        auto = ctx.image.settings.size == AUTO_SIZE
-        size = fill_size(tree_size(tree)) if auto else part.size
-        try:
-            fill_btrfs(image, dataclasses.replace(part, size=size), tree, offset=0,
-                       scratch=ctx.workdir)  # fmt: skip
-            return
-        except BuildError as e:
-            image.unlink(missing_ok=True)
-            log.info(f"    the kernel could not write the btrfs ({reason(e)}); mkfs.btrfs makes it")
-    make_btrfs_image(image, part, tree, size=None)
+def make_base_btrfs(
+    ctx: BuildContext, image: Path, part: Partition, tree: Path, paths: list[bytes]
+) -> None:
+    """The cached btrfs written by the kernel (`kernel_filled`), the
+    estimate's size or the root's; else, as small as mkfs.btrfs makes it."""
+    size = fill_size(tree_size(tree)) if ctx.image.settings.size == AUTO_SIZE else part.size
+    sized = dataclasses.replace(part, size=size)
+    if not kernel_filled(image, sized, tree, offset=0, scratch=ctx.workdir, paths=paths):
+        make_btrfs_image(image, part, tree, size=None)
 
 
 def reason(error: BuildError | OSError) -> str:
