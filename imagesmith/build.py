@@ -248,7 +248,7 @@ def build_image(
             f"building {image.name} ({image.target}): classes "
             f"{' '.join(image.class_names)}{skipped}; work in {workdir}"
         )
-        with staged_outputs(ctx) as staged:
+        with staged_outputs(ctx) as staged, stopping_children_on_interrupt():
             if image.target == "disk" and "raw" in s.outputs:
                 # The disk is assembled straight into the raw output's temp
                 # file, which is renamed into place with the others: no copy.
@@ -278,6 +278,18 @@ def build_image(
         for fmt in [*s.outputs, "manifest"]:
             log.info(f"    {output_path(output_dir, image.name, fmt)}")
         return ctx
+
+
+@contextlib.contextmanager
+def stopping_children_on_interrupt() -> Iterator[None]:
+    """On Ctrl-C (or SIGTERM), stop every command at once, before the build
+    waits for its background work: a SIGTERM reaches this process alone,
+    and a tar or copy in the background would hold the exit up until done."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        stop_all_processes()
+        raise
 
 
 @dataclass

@@ -99,6 +99,8 @@ def new_filesystem(cache_dir: Path, key: str, info: dict[str, object]) -> Iterat
     with entries.new_entry(entry_dir(cache_dir, key)) as temp:
         yield temp
         entries.write_digests(temp, [IMAGE_FILE, PATHS_FILE])
+        # Just hashed as it stands: its first use need not hash it again.
+        entries.note_verified(temp, IMAGE_FILE)
         record = {"key": key, "created": time.time(), **info}
         (temp / ENTRY_FILE).write_text(json.dumps(record, indent=2) + "\n")
 

@@ -8,10 +8,11 @@ them behind, and their result is read through a Future.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -30,3 +31,11 @@ def in_background(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> F
 
     threading.Thread(target=work, name=f"bg-{fn.__name__}", daemon=True).start()
     return future
+
+
+def settle(*futures: Future[Any] | None) -> None:
+    """Wait for each of `futures` to end, however it ends."""
+    for future in futures:
+        if future is not None:
+            with contextlib.suppress(Exception):  # its error was someone else's to report
+                future.result()

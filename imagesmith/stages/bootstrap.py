@@ -23,6 +23,7 @@ nothing in it (stages/sharing.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import shlex
@@ -43,7 +44,7 @@ from imagesmith.host.aptsources import archive_mirror
 from imagesmith.host.run import run
 from imagesmith.host.sandbox import private_mounts_argv
 from imagesmith.stages import derived, sharing
-from imagesmith.stages.cached_tree import mount_made_tree, restore_cached_tree
+from imagesmith.stages.cached_tree import mount_made_tree, restore_cached_tree, save_meanwhile
 from imagesmith.stages.derived import install_on_parent
 from imagesmith.tree import aptsources, initramfs
 from imagesmith.tree.aptsources import BuildSources, prepare_build_sources
@@ -170,7 +171,8 @@ def install_packages(ctx: BuildContext) -> None:
             image, mirror=mirror, index_state=index_state, tool_version=stage_tool_version()
         )
         key = stagecache.stage_key(inputs)
-        with stagecache.locked(ctx.cache_dir, key):
+        with contextlib.ExitStack() as held:
+            held.enter_context(stagecache.locked(ctx.cache_dir, key))
             remote = sharing.pull(ctx, key, STAGE)
             if restore_cached_tree(ctx, key):
                 where = "remote stage cache" if remote == "hit" else "stage cache"
@@ -198,8 +200,13 @@ def install_packages(ctx: BuildContext) -> None:
             # layer is the parent's).
             made = (None if parent else mount_made_tree(ctx, key)) or ctx.tree
             info = {"image": image.name, "inputs": inputs, "parent": parent}
-            stagecache.save_tree(ctx.cache_dir, key, made, info)
-            remote = sharing.push(ctx, key, STAGE, remote)
+            if made != ctx.tree and not sharing.pushes(ctx, remote):
+                # Read-only under the build's tree: saved while the classes
+                # work, the key's lock held until it is.
+                save_meanwhile(ctx, key, made, info, held.pop_all())
+            else:
+                stagecache.save_tree(ctx.cache_dir, key, made, info)
+                remote = sharing.push(ctx, key, STAGE, remote)
         ctx.stage_cache = CacheUse(key, hit=False, remote=remote)
     finally:
         shutil.rmtree(sources.directory, ignore_errors=True)

@@ -24,7 +24,6 @@ import time
 import uuid
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
 
 from imagesmith import log
 from imagesmith.cache import entries
@@ -52,7 +51,7 @@ from imagesmith.disk.sparse import (
 )
 from imagesmith.errors import BuildError, is_out_of_space
 from imagesmith.host import overlay
-from imagesmith.host.background import in_background
+from imagesmith.host.background import in_background, settle
 
 SWITCH = "IMAGESMITH_FILESYSTEM_CACHE"
 
@@ -125,14 +124,6 @@ def locked_base(ctx: BuildContext, key: str, pristine: Path, *, shown: bool) -> 
     if entry is None:
         raise BuildError("the package stage's filesystem could not be kept")
     return entry
-
-
-def settle(*futures: Future[Any] | None) -> None:
-    """Wait for each of `futures` to end, however it ends."""
-    for future in futures:
-        if future is not None:
-            with contextlib.suppress(Exception):  # its error was someone else's to report
-                future.result()
 
 
 def make_base(ctx: BuildContext, key: str, pristine: Path, *, shown: bool) -> Path | None:

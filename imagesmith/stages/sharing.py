@@ -57,11 +57,18 @@ def pull(ctx: BuildContext, key: str, kind: Kind) -> str:
     return "hit"
 
 
+def pushes(ctx: BuildContext, pulled: str) -> bool:
+    """Whether this build shares what it makes: a remote cache it may push
+    to, reachable when it pulled (`pulled`, what the pull said)."""
+    remote = ctx.remote_cache
+    return remote is not None and remote.push and pulled != "unreachable"
+
+
 def push(ctx: BuildContext, key: str, kind: Kind, pulled: str) -> str:
     """Share an entry this build made, unless the runner is pull-only or the
     entry holds what must not leave this build."""
     remote = ctx.remote_cache
-    if remote is None or pulled == "unreachable" or not remote.push:
+    if remote is None or not pushes(ctx, pulled):
         return pulled
     if not kind.entry_dir(ctx.cache_dir, key).is_dir():
         return pulled  # not saved (a full disk): nothing to share
