@@ -246,8 +246,9 @@ def test_a_root_from_the_filesystem_cache_matches_a_whole_mkfs(
 @pytest.mark.build
 def test_a_cold_build_makes_the_cached_btrfs_while_the_classes_work(tmp_path: Path) -> None:
     """After a stage cache miss, the tree mmdebstrap made is the overlay's
-    lower layer: the cached btrfs is made from it in the background, the
-    build's root is that plus its changes, and the next build hits it."""
+    lower layer: the stage's tar and the cached btrfs are made from it in
+    the background, the build's root is that btrfs plus its changes, and
+    the next build hits both caches."""
     cache = empty_stage_cache(tmp_path)
     runs = {}
     for name in ("cold", "warm"):
@@ -258,6 +259,8 @@ def test_a_cold_build_makes_the_cached_btrfs_while_the_classes_work(tmp_path: Pa
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = result.stderr
     assert "stage cache miss" in runs["cold"]
+    assert re.search(r"package stage saved to the cache in [\d.]+s", runs["cold"]), runs["cold"]
+    assert re.search(r"stage cache hit \w+: mmdebstrap skipped", runs["warm"]), runs["warm"]
     assert "making the package stage's btrfs meanwhile" in runs["cold"], runs["cold"][-3000:]
     assert "btrfs from the filesystem cache" in runs["cold"], runs["cold"][-3000:]
     assert "filesystem cache hit" in runs["warm"], runs["warm"][-3000:]
@@ -273,6 +276,12 @@ def test_a_cold_build_makes_the_cached_btrfs_while_the_classes_work(tmp_path: Pa
     assert checked.returncode == 0, (checked.stdout + checked.stderr)[-3000:]
     assert manifest["outputs"]["raw"]["sha256"] == sha256_file(raw["cold"])
     assert not list(cache.glob("filesystems/.tmp-*/"))  # no half-made entry left
+    assert not list(cache.glob("stages/.tmp-*/"))
+    # The entry was hashed while it was copied into the cold build's disk:
+    # its recorded digest is its file's.
+    (entry,) = (p for p in cache.glob("filesystems/*/") if not p.name.startswith("."))
+    recorded = json.loads((entry / "digest.json").read_text())["root.img"]["sha256"]
+    assert recorded == sha256_file(entry / "root.img")
 
 
 @pytest.mark.build

@@ -152,10 +152,15 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def write_digests(entry: Path, names: list[str]) -> None:
-    """Record the size and SHA-256 of `names` in the (temporary) entry."""
+def write_digests(entry: Path, names: list[str], known: Mapping[str, str] | None = None) -> None:
+    """Record the size and SHA-256 of `names` in the (temporary) entry; a
+    SHA-256 in `known` (computed as the file was made) is not read again."""
+    known = known or {}
     record = {
-        name: {"size": (entry / name).stat().st_size, "sha256": file_sha256(entry / name)}
+        name: {
+            "size": (entry / name).stat().st_size,
+            "sha256": known.get(name) or file_sha256(entry / name),
+        }
         for name in names
     }
     (entry / DIGEST_FILE).write_text(json.dumps(record, indent=1) + "\n")

@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from imagesmith.cache import entries
@@ -93,12 +93,15 @@ def usable_entry(cache_dir: Path, key: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def new_filesystem(cache_dir: Path, key: str, info: dict[str, object]) -> Iterator[Path]:
+def new_filesystem(
+    cache_dir: Path, key: str, info: dict[str, object], known: Mapping[str, str]
+) -> Iterator[Path]:
     """Yield the temporary entry to make `root.img` and `paths` in; stored
-    with its digests when the block succeeds."""
+    with its digests when the block succeeds (those the block put in
+    `known` are taken as they are)."""
     with entries.new_entry(entry_dir(cache_dir, key)) as temp:
         yield temp
-        entries.write_digests(temp, [IMAGE_FILE, PATHS_FILE])
+        entries.write_digests(temp, [IMAGE_FILE, PATHS_FILE], known)
         # Just hashed as it stands: its first use need not hash it again.
         entries.note_verified(temp, IMAGE_FILE)
         record = {"key": key, "created": time.time(), **info}

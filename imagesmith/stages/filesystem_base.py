@@ -23,6 +23,7 @@ import os
 import time
 import uuid
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 from imagesmith import log
@@ -78,6 +79,7 @@ def prepare_filesystem_base(ctx: BuildContext) -> None:
         entry = fscache.usable_entry(ctx.cache_dir, key)
     ctx.filesystem_cache = CacheUse(key, hit=entry is not None)
     made: Future[Path]
+    copied = None
     if entry is not None:
         log.info(f"    filesystem cache hit {key}")
         made = done(entry)
@@ -85,7 +87,8 @@ def prepare_filesystem_base(ctx: BuildContext) -> None:
         # The pristine tree is the overlay's read-only lower layer: the
         # entry is made from it while the classes change the build's view.
         log.info(f"    filesystem cache miss {key}: making the package stage's {fs} meanwhile")
-        made = in_background(locked_base, ctx, key, ctx.pristine_tree, shown=False)
+        copied = CopyInto(ctx.disk, root.start, Future())
+        made = in_background(locked_base, ctx, key, ctx.pristine_tree, shown=False, copy=copied)
     else:
         log.info(f"    filesystem cache miss {key}: making the package stage's {fs} once")
         try:
@@ -97,7 +100,7 @@ def prepare_filesystem_base(ctx: BuildContext) -> None:
     ctx.tree_mark = ctx.tree_mark or incremental.mark(ctx.workdir)
     # Copied into the disk, at the root's offset, while the classes work,
     # and a btrfs's metadata apart, given this build's UUID, for the changes.
-    ctx.base_copy = in_background(copy_base, made, ctx.disk, root.start)
+    ctx.base_copy = in_background(copy_base, made, ctx.disk, root.start, copied)
     if fs == "btrfs":
         ctx.base_metadata = in_background(
             base_metadata, made, ctx.workdir / "root-metadata.btrfs", root.fs_uuid
@@ -113,27 +116,43 @@ def done(value: Path) -> Future[Path]:
     return future
 
 
-def locked_base(ctx: BuildContext, key: str, pristine: Path, *, shown: bool) -> Path:
+@dataclass(frozen=True)
+class CopyInto:
+    """Where a build wants the entry it makes: copied into `disk` at
+    `offset` while the new entry is hashed; `done` gets the copy's size, or
+    its error. Left unset when the entry was not made by this build."""
+
+    disk: Path
+    offset: int
+    done: Future[int]
+
+
+def locked_base(
+    ctx: BuildContext, key: str, pristine: Path, *, shown: bool, copy: CopyInto | None = None
+) -> Path:
     """The entry for `key`, made from `pristine` unless another build made it
     while this one waited for the lock; raises BuildError when it could not
     be made (said in a warning)."""
     with fscache.locked(ctx.cache_dir, key):
         entry = fscache.usable_entry(ctx.cache_dir, key) or make_base(
-            ctx, key, pristine, shown=shown
+            ctx, key, pristine, shown=shown, copy=copy
         )
     if entry is None:
         raise BuildError("the package stage's filesystem could not be kept")
     return entry
 
 
-def make_base(ctx: BuildContext, key: str, pristine: Path, *, shown: bool) -> Path | None:
+def make_base(
+    ctx: BuildContext, key: str, pristine: Path, *, shown: bool, copy: CopyInto | None = None
+) -> Path | None:
     """The entry for `key`, made from `pristine`; its progress `shown` as
-    the stage's (not from a background thread). None, with a warning, when
-    it could not be made."""
+    the stage's (not from a background thread); copied as `copy` asks while
+    it is hashed. None, with a warning, when it could not be made."""
     part = dataclasses.replace(ctx.layout.root, fs_uuid=str(uuid.uuid4()))
     final = fscache.entry_dir(ctx.cache_dir, key)
+    digests: dict[str, str] = {}
     try:
-        with fscache.new_filesystem(ctx.cache_dir, key, {"uuid": part.fs_uuid}) as temp:
+        with fscache.new_filesystem(ctx.cache_dir, key, {"uuid": part.fs_uuid}, digests) as temp:
             image = temp / fscache.IMAGE_FILE
             paths = sorted(incremental.tree_state(pristine))
             with (
@@ -147,10 +166,28 @@ def make_base(ctx: BuildContext, key: str, pristine: Path, *, shown: bool) -> Pa
                     image.touch()
                     make_ext4(image, dataclasses.replace(part, start=0), pristine)
             (temp / fscache.PATHS_FILE).write_bytes(b"\0".join(paths))
+            digests[fscache.IMAGE_FILE] = hash_while_copying(image, copy)
     except (BuildError, OSError) as e:
         entries.warn_not_saved("the package stage's btrfs", final, reason(e))
         return None
     return final
+
+
+def hash_while_copying(image: Path, copy: CopyInto | None) -> str:
+    """The new entry's SHA-256, its holes hashed from memory; meanwhile a
+    child process copies it as `copy` asks (a second reader on the other
+    core): a desktop's 5.8 GiB, read once after the other, took 6 s + 7.5 s."""
+    if copy is None:
+        return sha256_file(image)
+    copying = in_background(copy_into, image, copy.disk, copy.offset)
+    try:
+        return sha256_file(image)
+    finally:
+        settle(copying)
+        if (error := copying.exception()) is not None:
+            copy.done.set_exception(error)
+        else:
+            copy.done.set_result(copying.result())
 
 
 def make_base_btrfs(
@@ -308,22 +345,31 @@ def base_metadata(made: Future[Path], target: Path, uuid: str) -> Path | None:
     return target if incremental.metadata_copy(entry / fscache.IMAGE_FILE, target, uuid) else None
 
 
-def copy_base(made: Future[Path], disk: Path, offset: int) -> int:
+def copy_base(made: Future[Path], disk: Path, offset: int, copied: CopyInto | None = None) -> int:
     """Once the entry is `made`, copy its filesystem into `disk` at `offset`
     (in a child process), hashing it on the way (a second reader on another
     core) unless it matched its SHA-256 before and nothing wrote it since;
-    its size. A mismatch discards the entry."""
+    its size. A mismatch discards the entry. An entry this build made was
+    `copied` as it was hashed."""
     entry = made.result()
+    if copied is not None and copied.done.done():
+        return copied.done.result()
     source = entry / fscache.IMAGE_FILE
-    size = source.stat().st_size
     digest = None
     if not entries.verified_since(entry, fscache.IMAGE_FILE):
         digest = in_background(sha256_file, source)  # its holes are hashed from memory
-    disk.touch()
-    copy_sparse_apart(source, disk, offset=offset)
+    size = copy_into(source, disk, offset)
     if digest is not None:
         if problem := entries.digest_problem(entry, {fscache.IMAGE_FILE: digest.result()}):
             entries.discard(entry, problem)
             raise BuildError(f"cache entry {entry}: {problem}")
         entries.note_verified(entry, fscache.IMAGE_FILE)
     return size
+
+
+def copy_into(source: Path, disk: Path, offset: int) -> int:
+    """Copy the filesystem image `source` into `disk` at `offset`, in a
+    child process; its size."""
+    disk.touch()
+    copy_sparse_apart(source, disk, offset=offset)
+    return source.stat().st_size
