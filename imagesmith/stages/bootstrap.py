@@ -76,14 +76,24 @@ def cache_out_hook(cache: str) -> str:
     )
 
 
-def recommends_hook(packages: tuple[str, ...]) -> str:
+def recommends_hook(packages: tuple[str, ...], cache: str | None = None) -> str:
     """The packages of classes with `recommends = true`, installed by a second
     apt run in the same mmdebstrap call (as FAI's `install` after
-    `install-norec`): newly installed, they bring their Recommends."""
-    return (
+    `install-norec`): newly installed, they bring their Recommends.
+
+    With a .deb `cache`, everything is downloaded first, and the .debs go to
+    the cache in the background while dpkg installs them (a desktop's 1.2 GB
+    took 4 s after mmdebstrap was done; dpkg leaves the other core idle)."""
+    install = (
         'chroot "$1" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q '
         "--install-recommends -o Dpkg::Options::=--force-confdef "
         f"-o Dpkg::Options::=--force-confold {shlex.join(packages)}"
+    )
+    if cache is None:
+        return install
+    return (
+        f"{install} --download-only && {{ ( {cache_out_hook(cache)} ) & }} && {install}; "
+        "s=$?; wait; exit $s"
     )
 
 
@@ -107,7 +117,11 @@ def mmdebstrap_argv(ctx: BuildContext, mirror: str, sources: BuildSources) -> li
         f"--essential-hook={DIVERT_INITRAMFS}",
         f"--setup-hook={cache_in_hook(str(ctx.deb_cache))}",
         f"--setup-hook={sources.setup_hook()}",
-        *([f"--customize-hook={recommends_hook(image.recommends)}"] if image.recommends else []),
+        *(
+            [f"--customize-hook={recommends_hook(image.recommends, str(ctx.deb_cache))}"]
+            if image.recommends
+            else []
+        ),
         f"--customize-hook={cache_out_hook(str(ctx.deb_cache))}",
         f"--customize-hook={sources.cleanup_hook()}",
         *(f"--aptopt={option}" for option in sources.aptopts),
