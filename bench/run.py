@@ -59,6 +59,15 @@ def sh(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, check=True, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload,no-any-return]
 
 
+def download_seconds(output: str) -> float:
+    """The seconds apt says it spent fetching, over all its runs: its
+    "Fetched 1157 MB in 49s (23.6 MB/s)" lines (verbose mmdebstrap)."""
+    found = re.findall(
+        r"^(?:\S+ \[\S+\])?\s*Fetched [\d.,]+ \w?B in (?:(\d+)min )?(\d+)s", output, re.M
+    )
+    return float(sum(60 * int(m or 0) + int(s) for m, s in found))
+
+
 def timed(action: Callable[[], object]) -> float:
     started = time.monotonic()
     action()
@@ -79,6 +88,8 @@ class Bench:
         self.image = args.image or loaded.default_image
         self.resolved = resolve_image(loaded, self.image)
         self.log = scratch / "bench.log"
+        self.last_downloads = 0.0
+        self.downloads: dict[str, list[float]] = {"alone": [], "cold": []}
 
     def build(
         self,
@@ -87,8 +98,10 @@ class Bench:
         extra: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         peaks: Peaks | None = None,
+        verbose: bool = False,
     ) -> dict[str, object]:
-        argv = [sys.executable, "-m", "imagesmith", "build", "-C", str(self.space), "-o", str(self.out),
+        argv = [sys.executable, "-m", "imagesmith", *(["-v"] if verbose else []), "build",
+                "-C", str(self.space), "-o", str(self.out),
                 "--cache-dir", str(cache or self.cache), *extra, *names]  # fmt: skip
         proc = subprocess.Popen(argv, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 cwd=REPO, env={**os.environ, **(env or {})})  # fmt: skip
@@ -100,6 +113,7 @@ class Bench:
             log.write(f"$ {' '.join(argv)}\n{result.stderr}\n")
         if result.returncode != 0:
             sys.exit(f"bench: build failed:\n{result.stderr[-3000:]}")
+        self.last_downloads = download_seconds(result.stderr)
         name = next((n for n in reversed(names) if n in self.images), self.image)
         manifest = json.loads((self.out / f"{name}.manifest.json").read_text())
         return dict(manifest)
@@ -125,22 +139,28 @@ class Bench:
         second = (
             [f"--customize-hook={recommends_hook(image.recommends)}"] if image.recommends else []
         )
-        argv = ["mmdebstrap", "--mode=root", "--variant=apt", "--format=directory",
+        argv = ["mmdebstrap", "--mode=root", "--variant=apt", "--format=directory", "--verbose",
                 f"--architectures={image.settings.architecture}", *second,
                 f"--include={','.join(plain)}", image.settings.suite,
                 str(target / "root"), mirror_line]  # fmt: skip
         try:
-            return timed(lambda: sh(["unshare", "--mount", "--propagation", "private", *argv]))
+            started = time.monotonic()
+            result = sh(["unshare", "--mount", "--propagation", "private", *argv])
+            took = round(time.monotonic() - started, 2)
         finally:
             shutil.rmtree(target, ignore_errors=True)
+        self.last_downloads = download_seconds(result.stdout + result.stderr)
+        return took
 
     def cold_pairs(self) -> tuple[list[float], list[float]]:
         """Alternate mmdebstrap alone and a cold build, so both see the same conditions."""
         alone, cold = [], []
         for _ in range(self.runs):
             alone.append(self.mmdebstrap_alone())
+            self.downloads["alone"].append(self.last_downloads)
             self.empty_cache()
-            cold.append(timed(lambda: self.build(self.image)))
+            cold.append(timed(lambda: self.build(self.image, verbose=True)))
+            self.downloads["cold"].append(self.last_downloads)
         return alone, cold
 
     def remote_hit(self) -> tuple[list[float], list[float]]:
@@ -444,8 +464,13 @@ def main() -> int:
         print(f"bench: {args.runs} runs each, scratch {scratch}, log {bench.log}", file=sys.stderr)
         want = set(args.only.split(",")) if args.only else set(MEASUREMENTS)
         rows = Rows()
+        notes = []
         if "cold" in want:
             alone, cold = bench.cold_pairs()
+            said = "; ".join(
+                f"{k} {' '.join(f'{t:.0f}' for t in v)}" for k, v in bench.downloads.items()
+            )
+            notes.append(f"apt's own download time in each cold pair (s): {said}.")
             rows += [
                 ("mmdebstrap alone, same packages, cold", alone, "yardstick", None),
                 ("cold build (empty caches)", cold, f"≤ 1.15 × mmdebstrap = {1.15 * median(alone):.1f}",
@@ -478,7 +503,6 @@ def main() -> int:
         if "greeter" in want and not args.no_boot:
             rows.append(("boot to the greeter, checked and photographed (`test --screenshot`, tcg)",
                          bench.boot_to_greeter(), "reported", None))  # fmt: skip
-        notes = []
         if "peak" in want:
             notes.append(f"Warm build of `{bench.image}`: {bench.peaks().describe()}.")
         if "pair" in want:
