@@ -213,3 +213,34 @@ def test_deb_cache_hook_on_a_full_disk_does_not_fail_mmdebstrap(tmp_path: Path) 
         assert hook.returncode == 0, hook.stderr
         assert "could not save" in hook.stderr and "big_1_all.deb" in hook.stderr
         assert sorted(p.name for p in cache.iterdir()) == ["small_1_all.deb"]
+
+
+def test_the_recommends_run_saves_the_debs_while_dpkg_installs(tmp_path: Path) -> None:
+    """The hook downloads first, then the .debs go to the cache beside the
+    install (here a stand-in `chroot` that sees them arrive), and the
+    install's exit status is the hook's."""
+    from imagesmith.stages.bootstrap import ARCHIVES, recommends_hook
+
+    root, cache = tmp_path / "root", tmp_path / "debs"
+    archives = root / ARCHIVES.lstrip("/")
+    archives.mkdir(parents=True)
+    cache.mkdir()
+    seen = tmp_path / "seen"
+    # The download "fetches" two .debs; the install waits until the cache
+    # has both (it would hang, and time out, if the copy came after it).
+    stand_in = f"""chroot() {{
+        case "$*" in
+        *--download-only*) echo a > "{archives}/a_1_all.deb"; echo b > "{archives}/b_1_all.deb";;
+        *) while [ ! -e "{cache}/a_1_all.deb" ] || [ ! -e "{cache}/b_1_all.deb" ]; do sleep 0.1; done
+           ls "{cache}" > "{seen}"; return 7;;
+        esac
+    }}
+    """
+    hook = subprocess.run(
+        ["sh", "-c", stand_in + recommends_hook(("kde-plasma-desktop",), str(cache)), "sh", str(root)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert hook.returncode == 7, hook.stderr
+    assert seen.read_text().split() == ["a_1_all.deb", "b_1_all.deb"]
+    # Without a cache (mmdebstrap alone, in the benchmark): the install alone.
+    assert "--download-only" not in recommends_hook(("kde-plasma-desktop",))
