@@ -48,11 +48,13 @@ SECURE_BOOT_FIRMWARE_PAIRS = (
 # What `imagesmith test` and `boot` can boot under: the image's firmware,
 # and UEFI with Secure Boot enforced.
 QEMU_FIRMWARES = ("uefi", "uefi-secureboot", "bios")
-# QEMU's words when KVM cannot run this guest here: it pauses the guest on an
-# internal error, or aborts at start (an MSR the host refuses).
 VM_SCRATCH_RE = re.compile(r"^imagesmith-vm-pid(\d+)-[a-z0-9_]+$")
+# QEMU's words when KVM cannot run this guest here: it pauses the guest on an
+# internal error, or aborts at start (an MSR the host refuses, or, for Secure
+# Boot's firmware, a software KVM such as kvm_pvm without SMM).
 KVM_FAILURE = re.compile(
-    r"KVM internal error|emulation failure|failed to initialize kvm|failed to set MSR|kvm\.c:\d+",
+    r"KVM internal error|emulation failure|failed to initialize kvm|failed to set MSR|kvm\.c:\d+"
+    r"|System Management Mode not supported",
     re.I,
 )
 # Multi-threaded TCG can lose a race with the guest kernel patching its own
