@@ -219,6 +219,61 @@ def test_ctrl_c_during_packages_leaves_nothing(
     assert not [p for p in (cache / "stages").glob("*") if not p.name.startswith(".")]
 
 
+SLOW_STAGE_SAVE = """#!/usr/bin/python3
+import os, sys, time
+if any(a.startswith({cache!r}) for a in sys.argv):  # the stage cache's tar
+    time.sleep(600)
+os.execv("/usr/bin/tar", ["tar", *sys.argv[1:]])
+"""
+
+
+@pytest.mark.build
+def test_ctrl_c_while_the_stage_is_saved_in_the_background_stops_the_save(
+    built_examples: Path, config_copy: Path, tmp_path: Path
+) -> None:
+    """After mmdebstrap, the stage's tar is written in the background while
+    the classes work. A SIGINT to imagesmith alone (as a SIGTERM would come)
+    must stop that tar rather than wait for it, and leave no entry, whole or
+    partial. The host's tar is slowed for the cache's tar only, so the
+    signal surely lands in the middle of the save."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "server.raw").write_bytes(b"an earlier good image")
+    work = tmp_path / "work"
+    cache = empty_stage_cache(tmp_path)
+    shim = tmp_path / "bin" / "tar"
+    write(shim, SLOW_STAGE_SAVE.format(cache=str(cache / "stages")), 0o755)
+    env = {**isolated_env(work), "PATH": f"{shim.parent}:{os.environ['PATH']}"}
+    log = tmp_path / "build.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "imagesmith", "-v", "build", "-C", str(config_copy),
+             "-o", str(out), "--cache-dir", str(cache), "server"],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 300
+            while not [p for p in processes_using(cache) if f"{shim} -c" in p]:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            os.kill(proc.pid, signal.SIGINT)
+            # The tar would sleep for ten minutes: waiting for it fails here.
+            assert proc.wait(timeout=90) == 130, log.read_text()[-2000:]
+        finally:
+            if proc.poll() is None:  # failed: Ctrl-C the whole group, as a terminal would
+                os.killpg(proc.pid, signal.SIGINT)
+                proc.wait(timeout=120)
+    text = log.read_text()
+    assert "interrupted" in text
+    assert "package stage saved to the cache" not in text
+    assert leftovers(work) == []
+    assert processes_using(cache) == []
+    stages = cache / "stages"
+    assert [p.name for p in stages.iterdir() if p.is_dir()] == []
+    assert sorted(p.name for p in out.iterdir()) == ["server.raw"]
+    assert (out / "server.raw").read_bytes() == b"an earlier good image"
+
+
 @pytest.mark.build
 @pytest.mark.parametrize("name", ["server", "server-btrfs"])
 def test_a_full_output_disk_is_a_clear_error_and_leaves_the_old_image(
