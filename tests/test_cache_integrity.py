@@ -10,6 +10,8 @@ import contextlib
 import gzip
 import os
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -167,6 +169,62 @@ def test_prune_skips_an_entry_a_build_holds(tmp_path: Path) -> None:
         assert (cache / "stages/busy/data").is_file() and (cache / "initramfs/busy").is_dir()
     removed = cacheadmin.prune(cache, everything=True)
     assert sorted((e.kind, e.name) for e in removed) == [("initramfs", "busy"), ("stage", "busy")]
+
+
+def lock_files(kind_dir: Path) -> list[str]:
+    return sorted(p.name for p in kind_dir.glob(".tmp-*") if p.suffix in (".lock", ".use"))
+
+
+def test_prune_removes_the_lock_files_of_what_it_removes_and_keeps_those_held(
+    tmp_path: Path,
+) -> None:
+    """One lock file per key ever built or tried would pile up in the cache;
+    prune takes those of the entries it removes, and of keys without an
+    entry, but never one a build holds."""
+    cache = tmp_path / "cache"
+    stages = cache / "stages"
+    for key in ("kept", "gone"):
+        with stagecache.locked(cache, key), stagecache.in_use(cache, key):
+            (stages / key).mkdir(parents=True)
+    with stagecache.locked(cache, "never-saved"):
+        pass
+    assert len(lock_files(stages)) == 5
+    hours_ago = time.time() - 7200
+    os.utime(stages / "gone", (hours_ago, hours_ago))
+    with stagecache.locked(cache, "being-built"):
+        removed = cacheadmin.prune(cache, max_age=3600)
+        assert [e.name for e in removed] == ["gone"]
+        assert lock_files(stages) == [".tmp-being-built.lock", ".tmp-kept.lock", ".tmp-kept.use"]
+    cacheadmin.prune(cache, everything=True)
+    assert lock_files(stages) == []
+
+
+def test_a_build_waiting_on_a_lock_prune_removes_holds_the_new_one(tmp_path: Path) -> None:
+    """prune unlinks a key's lock file while it holds it; a build that was
+    waiting on that file must not think it holds the key, while a later
+    build takes a new file at the same path: the waiter moves to the new one."""
+    kind_dir = tmp_path / "stages"
+    kind_dir.mkdir()
+    order: list[str] = []
+    with entries.forgettable(kind_dir, "k") as got:
+        assert got
+        waiter = threading.Thread(target=hold_briefly, args=(kind_dir, order, "waiter"))
+        waiter.start()
+        time.sleep(0.3)  # the waiter has opened the old file and waits on it
+        entries.forget_key(kind_dir, "k")
+    waiter.join(timeout=10)
+    with entries.forgettable(kind_dir, "k") as got:
+        assert got  # the waiter let go of the file at the path, the one others lock
+    assert order == ["waiter in", "waiter holds it"]
+    assert lock_files(kind_dir) == [".tmp-k.lock", ".tmp-k.use"]
+
+
+def hold_briefly(kind_dir: Path, order: list[str], name: str) -> None:
+    with entries.locked(kind_dir, "k"):
+        order.append(f"{name} in")
+        with entries.forgettable(kind_dir, "k") as got:
+            # Held through the file at its path, or prune could take it too.
+            order.append(f"{name} {'is alone' if got else 'holds it'}")
 
 
 def test_cached_trees_are_for_root_only(tmp_path: Path) -> None:

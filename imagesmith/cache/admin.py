@@ -117,7 +117,9 @@ def prune(
                 if entry not in doomed:
                     doomed.append(entry)
                     total -= entry.size
-    return [entry for entry in doomed if remove_entry(entry)]
+    removed = [entry for entry in doomed if remove_entry(entry)]
+    forget_stale_locks(cache_dir)
+    return removed
 
 
 def remove_entry(entry: CacheEntry) -> bool:
@@ -125,11 +127,24 @@ def remove_entry(entry: CacheEntry) -> bool:
     if entry.kind == "debs":  # apt locks its own archive directory
         shutil.rmtree(entry.path, ignore_errors=True)
         return True
-    with entries.try_locked(entry.path.parent, entry.name) as got:
-        if got and entries.unused(entry.path.parent, entry.name):
+    with entries.forgettable(entry.path.parent, entry.name) as got:
+        if got:
             shutil.rmtree(entry.path, ignore_errors=True)
-            return True
-        return False
+            entries.forget_key(entry.path.parent, entry.name)
+        return got
+
+
+def forget_stale_locks(cache_dir: Path) -> None:
+    """Remove the lock files of keys without an entry that no build holds:
+    one per key ever built or tried would pile up otherwise."""
+    for folder in KINDS:
+        kind_dir = cache_dir / folder
+        for key in entries.lock_keys(kind_dir):
+            if (kind_dir / key).is_dir():
+                continue
+            with entries.forgettable(kind_dir, key) as got:
+                if got and not (kind_dir / key).is_dir():
+                    entries.forget_key(kind_dir, key)
 
 
 def format_age(seconds: float) -> str:

@@ -28,6 +28,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from imagesmith import log
 
@@ -60,12 +61,35 @@ def private_kind_dir(kind_dir: Path) -> Path:
     return kind_dir
 
 
+def _held(path: Path, operation: int) -> IO[str] | None:
+    """`path` opened and flock()ed with `operation`; None when LOCK_NB says
+    another holds it. A lock file `forget_key` unlinked while this waited
+    locks nothing any more: the file now at `path` is opened and locked
+    instead, so two builds never hold one key through two files."""
+    while True:
+        lock = path.open("a")
+        try:
+            fcntl.flock(lock, operation)
+        except BlockingIOError:
+            lock.close()
+            return None
+        held = os.fstat(lock.fileno())
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            return lock
+        lock.close()
+
+
 @contextlib.contextmanager
 def locked(kind_dir: Path, key: str) -> Iterator[None]:
     """Hold the lock of `key` in `kind_dir` (made if missing) for the block."""
     private_kind_dir(kind_dir)
-    with (kind_dir / f"{TEMP_PREFIX}{key}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock = _held(kind_dir / f"{TEMP_PREFIX}{key}.lock", fcntl.LOCK_EX)
+    assert lock is not None  # a blocking flock() returns holding it
+    with lock:
         yield
 
 
@@ -74,22 +98,44 @@ def in_use(kind_dir: Path, key: str) -> Iterator[None]:
     """Share `key`'s entry for the block: any number of builds at once, while
     `remove_entry` (cache prune) waits for none of them and skips it."""
     private_kind_dir(kind_dir)
-    with (kind_dir / f"{TEMP_PREFIX}{key}.use").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_SH)
+    lock = _held(kind_dir / f"{TEMP_PREFIX}{key}.use", fcntl.LOCK_SH)
+    assert lock is not None
+    with lock:
         yield
 
 
-def unused(kind_dir: Path, key: str) -> bool:
-    """True when no build shares `key`'s entry (`in_use`) right now."""
-    path = kind_dir / f"{TEMP_PREFIX}{key}.use"
-    if not path.exists():
-        return True
-    with path.open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
+@contextlib.contextmanager
+def forgettable(kind_dir: Path, key: str) -> Iterator[bool]:
+    """True in the block when no build holds `key`'s lock or shares its
+    entry, with both taken so that none can until the block ends; False at
+    once otherwise (`cache prune` skips an entry a build is using). Inside
+    a True block, `forget_key` may remove the key's lock files too."""
+    lock_file = _held(kind_dir / f"{TEMP_PREFIX}{key}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if lock_file is None:
+        yield False
+        return
+    with lock_file:
+        use_file = _held(kind_dir / f"{TEMP_PREFIX}{key}.use", fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if use_file is None:
+            yield False
+            return
+        with use_file:
+            yield True
+
+
+def forget_key(kind_dir: Path, key: str) -> None:
+    """Remove `key`'s lock files; only inside a `forgettable` block that said True."""
+    for suffix in (".use", ".lock"):
+        (kind_dir / f"{TEMP_PREFIX}{key}{suffix}").unlink(missing_ok=True)
+
+
+def lock_keys(kind_dir: Path) -> set[str]:
+    """The keys in `kind_dir` that have lock files, with or without an entry."""
+    found = set()
+    for path in kind_dir.glob(f"{TEMP_PREFIX}*") if kind_dir.is_dir() else []:
+        if path.suffix in (".lock", ".use"):
+            found.add(path.name[len(TEMP_PREFIX) : -len(path.suffix)])
+    return found
 
 
 def sync_filesystem(path: Path) -> None:
@@ -101,20 +147,6 @@ def sync_filesystem(path: Path) -> None:
             raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def try_locked(kind_dir: Path, key: str) -> Iterator[bool]:
-    """Take the lock of `key` if nobody holds it: True in the block, else False
-    at once (`cache prune` skips an entry a build is using)."""
-    lock_path = kind_dir / f"{TEMP_PREFIX}{key}.lock"
-    with lock_path.open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
 
 
 @contextlib.contextmanager
