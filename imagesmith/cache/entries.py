@@ -28,7 +28,6 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from imagesmith import log
 
@@ -61,35 +60,34 @@ def private_kind_dir(kind_dir: Path) -> Path:
     return kind_dir
 
 
-def _held(path: Path, operation: int) -> IO[str] | None:
-    """`path` opened and flock()ed with `operation`; None when LOCK_NB says
-    another holds it. A lock file `forget_key` unlinked while this waited
-    locks nothing any more: the file now at `path` is opened and locked
-    instead, so two builds never hold one key through two files."""
+@contextlib.contextmanager
+def _holding(path: Path, operation: int) -> Iterator[bool]:
+    """`path` flock()ed with `operation` for the block: True, or False at
+    once when LOCK_NB says another holds it. A lock file `forget_key`
+    unlinked while this waited locks nothing any more: the file now at
+    `path` is opened and locked instead, so two builds never hold one key
+    through two files."""
     while True:
-        lock = path.open("a")
-        try:
-            fcntl.flock(lock, operation)
-        except BlockingIOError:
-            lock.close()
-            return None
-        held = os.fstat(lock.fileno())
-        try:
-            now = os.stat(path)
-        except FileNotFoundError:
-            now = None
-        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
-            return lock
-        lock.close()
+        with path.open("a") as lock:
+            try:
+                fcntl.flock(lock, operation)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if os.path.samestat(os.fstat(lock.fileno()), now):
+                yield True
+                return
 
 
 @contextlib.contextmanager
 def locked(kind_dir: Path, key: str) -> Iterator[None]:
     """Hold the lock of `key` in `kind_dir` (made if missing) for the block."""
     private_kind_dir(kind_dir)
-    lock = _held(kind_dir / f"{TEMP_PREFIX}{key}.lock", fcntl.LOCK_EX)
-    assert lock is not None  # a blocking flock() returns holding it
-    with lock:
+    with _holding(kind_dir / f"{TEMP_PREFIX}{key}.lock", fcntl.LOCK_EX):
         yield
 
 
@@ -98,9 +96,7 @@ def in_use(kind_dir: Path, key: str) -> Iterator[None]:
     """Share `key`'s entry for the block: any number of builds at once, while
     `remove_entry` (cache prune) waits for none of them and skips it."""
     private_kind_dir(kind_dir)
-    lock = _held(kind_dir / f"{TEMP_PREFIX}{key}.use", fcntl.LOCK_SH)
-    assert lock is not None
-    with lock:
+    with _holding(kind_dir / f"{TEMP_PREFIX}{key}.use", fcntl.LOCK_SH):
         yield
 
 
@@ -110,17 +106,13 @@ def forgettable(kind_dir: Path, key: str) -> Iterator[bool]:
     entry, with both taken so that none can until the block ends; False at
     once otherwise (`cache prune` skips an entry a build is using). Inside
     a True block, `forget_key` may remove the key's lock files too."""
-    lock_file = _held(kind_dir / f"{TEMP_PREFIX}{key}.lock", fcntl.LOCK_EX | fcntl.LOCK_NB)
-    if lock_file is None:
-        yield False
-        return
-    with lock_file:
-        use_file = _held(kind_dir / f"{TEMP_PREFIX}{key}.use", fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if use_file is None:
+    nonblocking = fcntl.LOCK_EX | fcntl.LOCK_NB
+    with _holding(kind_dir / f"{TEMP_PREFIX}{key}.lock", nonblocking) as got:
+        if not got:
             yield False
             return
-        with use_file:
-            yield True
+        with _holding(kind_dir / f"{TEMP_PREFIX}{key}.use", nonblocking) as unused:
+            yield unused
 
 
 def forget_key(kind_dir: Path, key: str) -> None:
